@@ -1,0 +1,202 @@
+// CUserfaultfd: the part of userfaultfd(2) that Swift cannot import by itself.
+//
+// - The system's <linux/userfaultfd.h> on these machines predates the kernel (no MOVE, POISON, WP_ASYNC), so the
+//   kernel ABI is declared here in full, under our own names, and checked against the kernel's sizes and numbers.
+// - ioctl(2) and syscall(2) are variadic and cannot be called from Swift; each request gets a typed wrapper.
+// - _IOWR and friends are function-like macros; the request numbers are computed here.
+//
+// Every wrapper returns what the system call returned (-1 on error) and leaves errno as the kernel set it.
+
+#ifndef CUSERFAULTFD_H
+#define CUSERFAULTFD_H
+
+#include <stdint.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/ioctl.h>
+
+#ifndef __NR_userfaultfd
+#if defined(__x86_64__)
+#define __NR_userfaultfd 323
+#elif defined(__aarch64__)
+#define __NR_userfaultfd 282
+#endif
+#endif
+
+// MARK: - Kernel ABI (include/uapi/linux/userfaultfd.h, kernel 6.18)
+
+#define CUFFD_API 0xAAULL
+#define CUFFD_IOCTL_TYPE 0xAA
+
+/// Flag for userfaultfd(2) / USERFAULTFD_IOC_NEW: only handle faults from user mode.
+#define CUFFD_USER_MODE_ONLY 1
+
+/// uffd_msg.event codes.
+#define CUFFD_EVENT_PAGEFAULT 0x12
+#define CUFFD_EVENT_FORK 0x13
+#define CUFFD_EVENT_REMAP 0x14
+#define CUFFD_EVENT_REMOVE 0x15
+#define CUFFD_EVENT_UNMAP 0x16
+
+/// uffd_msg.arg.pagefault.flags.
+#define CUFFD_PAGEFAULT_FLAG_WRITE 1ULL
+#define CUFFD_PAGEFAULT_FLAG_WP 2ULL
+#define CUFFD_PAGEFAULT_FLAG_MINOR 4ULL
+
+/// Size of one struct uffd_msg (packed).
+#define CUFFD_MSG_SIZE 32
+
+/// Ioctl command numbers (bit positions in the `ioctls` masks).
+#define CUFFD_CMD_REGISTER 0x00
+#define CUFFD_CMD_UNREGISTER 0x01
+#define CUFFD_CMD_WAKE 0x02
+#define CUFFD_CMD_COPY 0x03
+#define CUFFD_CMD_ZEROPAGE 0x04
+#define CUFFD_CMD_MOVE 0x05
+#define CUFFD_CMD_WRITEPROTECT 0x06
+#define CUFFD_CMD_CONTINUE 0x07
+#define CUFFD_CMD_POISON 0x08
+#define CUFFD_CMD_API 0x3F
+
+struct cuffd_api {
+    uint64_t api;
+    uint64_t features;
+    uint64_t ioctls;
+};
+
+struct cuffd_range {
+    uint64_t start;
+    uint64_t len;
+};
+
+struct cuffd_register {
+    struct cuffd_range range;
+    uint64_t mode;
+    uint64_t ioctls;
+};
+
+struct cuffd_copy {
+    uint64_t dst;
+    uint64_t src;
+    uint64_t len;
+    uint64_t mode;
+    int64_t copy;
+};
+
+struct cuffd_zeropage {
+    struct cuffd_range range;
+    uint64_t mode;
+    int64_t zeropage;
+};
+
+struct cuffd_writeprotect {
+    struct cuffd_range range;
+    uint64_t mode;
+};
+
+struct cuffd_continue {
+    struct cuffd_range range;
+    uint64_t mode;
+    int64_t mapped;
+};
+
+struct cuffd_poison {
+    struct cuffd_range range;
+    uint64_t mode;
+    int64_t updated;
+};
+
+struct cuffd_move {
+    uint64_t dst;
+    uint64_t src;
+    uint64_t len;
+    uint64_t mode;
+    int64_t move;
+};
+
+_Static_assert(sizeof(struct cuffd_api) == 24, "uffdio_api is 24 bytes");
+_Static_assert(sizeof(struct cuffd_range) == 16, "uffdio_range is 16 bytes");
+_Static_assert(sizeof(struct cuffd_register) == 32, "uffdio_register is 32 bytes");
+_Static_assert(sizeof(struct cuffd_copy) == 40, "uffdio_copy is 40 bytes");
+_Static_assert(sizeof(struct cuffd_zeropage) == 32, "uffdio_zeropage is 32 bytes");
+_Static_assert(sizeof(struct cuffd_writeprotect) == 24, "uffdio_writeprotect is 24 bytes");
+_Static_assert(sizeof(struct cuffd_continue) == 32, "uffdio_continue is 32 bytes");
+_Static_assert(sizeof(struct cuffd_poison) == 32, "uffdio_poison is 32 bytes");
+_Static_assert(sizeof(struct cuffd_move) == 40, "uffdio_move is 40 bytes");
+
+#define CUFFD_IOC_API _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_API, struct cuffd_api)
+#define CUFFD_IOC_REGISTER _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_REGISTER, struct cuffd_register)
+#define CUFFD_IOC_UNREGISTER _IOR(CUFFD_IOCTL_TYPE, CUFFD_CMD_UNREGISTER, struct cuffd_range)
+#define CUFFD_IOC_WAKE _IOR(CUFFD_IOCTL_TYPE, CUFFD_CMD_WAKE, struct cuffd_range)
+#define CUFFD_IOC_COPY _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_COPY, struct cuffd_copy)
+#define CUFFD_IOC_ZEROPAGE _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_ZEROPAGE, struct cuffd_zeropage)
+#define CUFFD_IOC_MOVE _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_MOVE, struct cuffd_move)
+#define CUFFD_IOC_WRITEPROTECT _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_WRITEPROTECT, struct cuffd_writeprotect)
+#define CUFFD_IOC_CONTINUE _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_CONTINUE, struct cuffd_continue)
+#define CUFFD_IOC_POISON _IOWR(CUFFD_IOCTL_TYPE, CUFFD_CMD_POISON, struct cuffd_poison)
+/// /dev/userfaultfd: create a new userfaultfd (argument: the flags, as for userfaultfd(2)).
+#define CUFFD_IOC_NEW _IO(CUFFD_IOCTL_TYPE, 0x00)
+
+_Static_assert(CUFFD_IOC_API == 0xC018AA3F, "UFFDIO_API");
+_Static_assert(CUFFD_IOC_REGISTER == 0xC020AA00, "UFFDIO_REGISTER");
+_Static_assert(CUFFD_IOC_UNREGISTER == 0x8010AA01, "UFFDIO_UNREGISTER");
+_Static_assert(CUFFD_IOC_WAKE == 0x8010AA02, "UFFDIO_WAKE");
+_Static_assert(CUFFD_IOC_COPY == 0xC028AA03, "UFFDIO_COPY");
+_Static_assert(CUFFD_IOC_ZEROPAGE == 0xC020AA04, "UFFDIO_ZEROPAGE");
+_Static_assert(CUFFD_IOC_MOVE == 0xC028AA05, "UFFDIO_MOVE");
+_Static_assert(CUFFD_IOC_WRITEPROTECT == 0xC018AA06, "UFFDIO_WRITEPROTECT");
+_Static_assert(CUFFD_IOC_CONTINUE == 0xC020AA07, "UFFDIO_CONTINUE");
+_Static_assert(CUFFD_IOC_POISON == 0xC020AA08, "UFFDIO_POISON");
+_Static_assert(CUFFD_IOC_NEW == 0xAA00, "USERFAULTFD_IOC_NEW");
+
+// MARK: - Wrappers
+
+/// userfaultfd(2). Returns the new descriptor or -1 with errno set.
+static inline int cuffd_userfaultfd(int flags) {
+#ifdef __NR_userfaultfd
+    return (int)syscall(__NR_userfaultfd, flags);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/// ioctl(devfd, USERFAULTFD_IOC_NEW, flags) on an open /dev/userfaultfd.
+static inline int cuffd_dev_new(int devfd, int flags) {
+    return ioctl(devfd, CUFFD_IOC_NEW, flags);
+}
+
+static inline int cuffd_ioctl_api(int fd, struct cuffd_api *arg) { return ioctl(fd, CUFFD_IOC_API, arg); }
+static inline int cuffd_ioctl_register(int fd, struct cuffd_register *arg) { return ioctl(fd, CUFFD_IOC_REGISTER, arg); }
+static inline int cuffd_ioctl_unregister(int fd, struct cuffd_range *arg) { return ioctl(fd, CUFFD_IOC_UNREGISTER, arg); }
+static inline int cuffd_ioctl_wake(int fd, struct cuffd_range *arg) { return ioctl(fd, CUFFD_IOC_WAKE, arg); }
+static inline int cuffd_ioctl_copy(int fd, struct cuffd_copy *arg) { return ioctl(fd, CUFFD_IOC_COPY, arg); }
+static inline int cuffd_ioctl_zeropage(int fd, struct cuffd_zeropage *arg) { return ioctl(fd, CUFFD_IOC_ZEROPAGE, arg); }
+static inline int cuffd_ioctl_move(int fd, struct cuffd_move *arg) { return ioctl(fd, CUFFD_IOC_MOVE, arg); }
+static inline int cuffd_ioctl_writeprotect(int fd, struct cuffd_writeprotect *arg) { return ioctl(fd, CUFFD_IOC_WRITEPROTECT, arg); }
+static inline int cuffd_ioctl_continue(int fd, struct cuffd_continue *arg) { return ioctl(fd, CUFFD_IOC_CONTINUE, arg); }
+static inline int cuffd_ioctl_poison(int fd, struct cuffd_poison *arg) { return ioctl(fd, CUFFD_IOC_POISON, arg); }
+
+/// fcntl(fd, F_GETFL) without the variadic call.
+static inline int cuffd_get_status_flags(int fd) { return fcntl(fd, F_GETFL); }
+
+/// Sets O_NONBLOCK on fd. Returns 0 or -1 with errno set.
+static inline int cuffd_set_nonblocking(int fd) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return -1;
+    if (flags & O_NONBLOCK) return 0;
+    return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+/// open(path, O_RDWR | O_CLOEXEC) without the variadic call.
+static inline int cuffd_open_rdwr(const char *path) { return open(path, O_RDWR | O_CLOEXEC); }
+
+/// Flags for creation: O_CLOEXEC | O_NONBLOCK, plus UFFD_USER_MODE_ONLY when asked.
+static inline int cuffd_creation_flags(int user_mode_only) {
+    return O_CLOEXEC | O_NONBLOCK | (user_mode_only ? CUFFD_USER_MODE_ONLY : 0);
+}
+
+#endif // CUSERFAULTFD_H

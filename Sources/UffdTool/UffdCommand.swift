@@ -1,0 +1,90 @@
+import Foundation
+import Userfaultfd
+
+/// The `uffd` command line: parses arguments and runs a subcommand.
+public enum UffdCommand {
+    static let usage = """
+    usage: uffd <command> [options]
+
+    commands:
+      demo [--pages N] [--delay-ms MS]   userfaultfd(2)'s example: a region of N pages (default 4), each fault served
+                                         with a page of the next letter by a `for try await` loop over the events
+      features                           the features and ioctls this kernel offers
+      help                               this text
+    """
+
+    /// Runs the command line `arguments` (without the program name) and returns the exit status.
+    public static func run(_ arguments: [String]) async -> Int32 {
+        var arguments = ArgumentList(arguments)
+        let command = arguments.next() ?? "demo"
+        do {
+            switch command {
+            case "demo":
+                let pages = try arguments.integer("--pages", default: 4, range: 1...1_000_000)
+                let delay = try arguments.integer("--delay-ms", default: 0, range: 0...10_000)
+                try arguments.finish()
+                _ = try await ManPageDemo(pages: pages, readDelay: .milliseconds(delay)).run()
+                print("Done: \(pages) page\(pages == 1 ? "" : "s") served on demand.")
+            case "features":
+                try arguments.finish()
+                let (features, ioctls) = try UserfaultFD.probeFeatures()
+                print("features: 0x\(String(features.rawValue, radix: 16)) \(features)")
+                print("ioctls:   0x\(String(ioctls.rawValue, radix: 16)) \(ioctls)")
+            case "help", "--help", "-h":
+                print(usage)
+            default:
+                throw ToolError("unknown command '\(command)'\n\n\(usage)")
+            }
+            return 0
+        } catch {
+            FileHandle.standardError.write(Data("uffd: \(error)\n".utf8))
+            return 1
+        }
+    }
+}
+
+/// A tiny argument parser: `--name value` options and positional arguments, nothing else.
+struct ArgumentList {
+    private var remaining: [String]
+
+    init(_ arguments: [String]) { remaining = arguments }
+
+    /// The next positional argument, if any.
+    mutating func next() -> String? {
+        guard let index = remaining.firstIndex(where: { !$0.hasPrefix("--") }) else { return nil }
+        if index > 0, remaining[index - 1].hasPrefix("--") { return nil }
+        return remaining.remove(at: index)
+    }
+
+    /// The value of `--name value` (or `--name=value`), removed from the list.
+    mutating func value(_ name: String) throws -> String? {
+        if let index = remaining.firstIndex(where: { $0.hasPrefix(name + "=") }) {
+            return String(remaining.remove(at: index).dropFirst(name.count + 1))
+        }
+        guard let index = remaining.firstIndex(of: name) else { return nil }
+        guard index + 1 < remaining.count else { throw ToolError("\(name) needs a value") }
+        let value = remaining[index + 1]
+        remaining.removeSubrange(index...index + 1)
+        return value
+    }
+
+    /// Whether `--name` is present (removed from the list).
+    mutating func flag(_ name: String) -> Bool {
+        guard let index = remaining.firstIndex(of: name) else { return false }
+        remaining.remove(at: index)
+        return true
+    }
+
+    mutating func integer(_ name: String, default defaultValue: Int, range: ClosedRange<Int>) throws -> Int {
+        guard let text = try value(name) else { return defaultValue }
+        guard let number = Int(text), range.contains(number) else {
+            throw ToolError("\(name) takes a whole number from \(range.lowerBound) to \(range.upperBound), not '\(text)'")
+        }
+        return number
+    }
+
+    /// Fails on anything left over.
+    func finish() throws {
+        if !remaining.isEmpty { throw ToolError("unexpected arguments: \(remaining.joined(separator: " "))") }
+    }
+}

@@ -1,0 +1,79 @@
+import Glibc
+
+/// A range of virtual addresses in a process: `start ..< start + length`.
+///
+/// Every userfaultfd ioctl takes a range; most require it to be page-aligned with a non-zero length. `MemoryRange` itself
+/// accepts any values, so that the ioctls can reject bad ones with a typed ``UserfaultError`` instead of trapping.
+public struct MemoryRange: Sendable, Hashable, CustomStringConvertible {
+    /// First address of the range.
+    public var start: UInt
+    /// Length of the range in bytes.
+    public var length: Int
+
+    /// A range of `length` bytes starting at `start`.
+    public init(start: UInt, length: Int) {
+        self.start = start
+        self.length = length
+    }
+
+    /// A range covering `[start, end)`. `end` must not be below `start`.
+    public init(start: UInt, end: UInt) {
+        precondition(end >= start, "MemoryRange end below start")
+        self.start = start
+        self.length = Int(end - start)
+    }
+
+    /// The range covered by a buffer.
+    public init(_ buffer: UnsafeMutableRawBufferPointer) {
+        self.start = UInt(bitPattern: buffer.baseAddress)
+        self.length = buffer.count
+    }
+
+    /// One past the last address.
+    public var end: UInt { start &+ UInt(bitPattern: length) }
+
+    /// Whether the range holds no bytes.
+    public var isEmpty: Bool { length == 0 }
+
+    /// Whether `address` lies inside the range.
+    public func contains(_ address: UInt) -> Bool { address >= start && address < end }
+
+    /// Whether `other` lies entirely inside this range.
+    public func contains(_ other: MemoryRange) -> Bool { other.start >= start && other.end <= end }
+
+    /// Whether the two ranges share at least one byte.
+    public func overlaps(_ other: MemoryRange) -> Bool { start < other.end && other.start < end }
+
+    /// The bytes both ranges cover, or `nil` when they don't overlap.
+    public func intersection(_ other: MemoryRange) -> MemoryRange? {
+        let lower = Swift.max(start, other.start)
+        let upper = Swift.min(end, other.end)
+        return lower < upper ? MemoryRange(start: lower, end: upper) : nil
+    }
+
+    /// Whether start and length are both multiples of `pageSize` (a power of two).
+    public func isAligned(to pageSize: Int) -> Bool {
+        let mask = UInt(pageSize - 1)
+        return start & mask == 0 && UInt(bitPattern: length) & mask == 0
+    }
+
+    /// The smallest page-aligned range that covers this one.
+    public func expandedToPages(of pageSize: Int) -> MemoryRange {
+        let mask = UInt(pageSize - 1)
+        let lower = start & ~mask
+        let upper = (end &+ mask) & ~mask
+        return MemoryRange(start: lower, end: upper)
+    }
+
+    /// The start address as a raw pointer (nil for address 0).
+    public var pointer: UnsafeMutableRawPointer? { UnsafeMutableRawPointer(bitPattern: start) }
+
+    public var description: String {
+        "0x\(String(start, radix: 16))..<0x\(String(end, radix: 16)) (\(length) bytes)"
+    }
+}
+
+/// The system's base page size in bytes (`sysconf(_SC_PAGESIZE)`).
+public let systemPageSize: Int = {
+    Int(sysconf(Int32(_SC_PAGESIZE)))
+}()
