@@ -9,6 +9,9 @@ public enum UffdCommand {
     commands:
       demo [--pages N] [--delay-ms MS]   userfaultfd(2)'s example: a region of N pages (default 4), each fault served
                                          with a page of the next letter by a `for try await` loop over the events
+      abc [--pages N]                    the seed's pattern example: pages of "abc...z" made by a provider on first touch
+      cat FILE [--readahead BYTES|none] [--stats]
+                                         write FILE to stdout from a LazyRegion that faults it in lazily
       features                           the features and ioctls this kernel offers
       help                               this text
     """
@@ -25,6 +28,17 @@ public enum UffdCommand {
                 try arguments.finish()
                 _ = try await ManPageDemo(pages: pages, readDelay: .milliseconds(delay)).run()
                 print("Done: \(pages) page\(pages == 1 ? "" : "s") served on demand.")
+            case "abc":
+                let pages = try arguments.integer("--pages", default: 4, range: 1...1_000_000)
+                try arguments.finish()
+                let (_, statistics) = try await AbcExample(pages: pages).run()
+                print("statistics: \(statistics)")
+            case "cat":
+                guard let path = arguments.next() else { throw ToolError("cat needs a FILE\n\n\(usage)") }
+                let readahead = try arguments.readahead()
+                let stats = arguments.flag("--stats")
+                try arguments.finish()
+                try await CatCommand(path: path, readahead: readahead, showStatistics: stats).run()
             case "features":
                 try arguments.finish()
                 let (features, ioctls) = try UserfaultFD.probeFeatures()
@@ -81,6 +95,16 @@ struct ArgumentList {
             throw ToolError("\(name) takes a whole number from \(range.lowerBound) to \(range.upperBound), not '\(text)'")
         }
         return number
+    }
+
+    /// `--readahead BYTES` (maximum cluster) or `--readahead none`; the default policy when absent.
+    mutating func readahead() throws -> ReadaheadPolicy {
+        guard let text = try value("--readahead") else { return .default }
+        if text == "none" || text == "0" { return .none }
+        guard let bytes = Int(text), bytes >= 4096 else {
+            throw ToolError("--readahead takes a byte count of at least 4096, or none; not '\(text)'")
+        }
+        return .adaptive(maximum: bytes)
     }
 
     /// Fails on anything left over.

@@ -1,0 +1,381 @@
+import Dispatch
+
+/// A thread waiting on a page of a fetch, and when its fault was read.
+struct FaultWaiter {
+    let page: Int
+    let readAt: UInt64
+}
+
+/// One provider read for a cluster of pages, and its installation into the region.
+final class Fetch {
+    enum Installation {
+        case copy, zeroPage, poison
+    }
+
+    let id: Int
+    let region: ServedRegion
+    let pages: Range<Int>
+    /// Where `pages.lowerBound` lives; fixed at creation (a REMAP invalidates the fetch).
+    let address: UInt
+    var waiters: [FaultWaiter] = []
+    var completions: [CheckedContinuation<Void, any Error>] = []
+    var task: Task<Void, Never>?
+    var buffer: PooledBuffer?
+    /// Provider attempts so far.
+    var attempts = 0
+    /// Bumped when an attempt is abandoned (timeout, cancel), so its late result is ignored.
+    var generation = 0
+    /// A provider read is running for this fetch (it holds a read slot).
+    var reading = false
+    /// The pages were removed or unmapped meanwhile: wake instead of installing.
+    var invalidated = false
+    /// Bytes installed so far, and how (for a resolution the kernel deferred).
+    var installed = 0
+    var installation = Installation.copy
+
+    init(id: Int, region: ServedRegion, pages: Range<Int>, address: UInt) {
+        self.id = id
+        self.region = region
+        self.pages = pages
+        self.address = address
+    }
+
+    var length: Int { pages.count * region.pageSize }
+    var range: MemoryRange { MemoryRange(start: address, length: length) }
+    var providerOffset: Int { region.providerOffset + pages.lowerBound * region.pageSize }
+}
+
+extension FaultResolver {
+    func makeFetch(region: ServedRegion, segment: ServedSegment, pages: Range<Int>) -> Fetch {
+        let fetch = Fetch(id: nextFetchID, region: region, pages: pages, address: segment.address(of: pages.lowerBound))
+        nextFetchID += 1
+        region.inFlight.set(pages, to: true)
+        fetches[fetch.id] = fetch
+        return fetch
+    }
+
+    func fetch(covering page: Int, of region: ServedRegion) -> Fetch? {
+        fetches.values.first { $0.region === region && $0.pages.contains(page) }
+    }
+
+    /// Starts a fetch: pages past the data are zero pages; a provider that answers at once is served here and now;
+    /// otherwise an asynchronous read is launched (or queued for a slot).
+    func start(_ fetch: Fetch) {
+        let dataLength = fetch.region.dataLength(of: fetch.pages)
+        if dataLength == 0 {
+            fetch.installation = .zeroPage
+            install(fetch)
+            return
+        }
+        counters.withLock { $0.providerReads += 1 }
+        guard let buffer = takeBuffer(for: fetch) else { return }
+        do {
+            if let content = try fetch.region.provider.readImmediately(
+                into: buffer.pageBuffer.prefix(dataLength), at: fetch.providerOffset) {
+                fetch.attempts = 1
+                readFinished(fetch, content: content)
+                return
+            }
+        } catch {
+            fetch.attempts = 1
+            readFailed(fetch, error: error)
+            return
+        }
+        if activeReads >= options.maxConcurrentReads {
+            waitingForSlot.append(fetch.id)
+        } else {
+            launch(fetch)
+        }
+    }
+
+    private func takeBuffer(for fetch: Fetch) -> PooledBuffer? {
+        if let buffer = fetch.buffer { return buffer }
+        do {
+            let buffer = try pool.take()
+            fetch.buffer = buffer
+            return buffer
+        } catch {
+            readFailed(fetch, error: error)
+            return nil
+        }
+    }
+
+    /// Runs the provider's asynchronous read on the provider executor.
+    private func launch(_ fetch: Fetch) {
+        guard let buffer = takeBuffer(for: fetch) else { return }
+        activeReads += 1
+        fetch.reading = true
+        fetch.attempts += 1
+        let generation = fetch.generation
+        let id = fetch.id
+        let provider = fetch.region.provider
+        let target = buffer.pageBuffer.prefix(fetch.region.dataLength(of: fetch.pages))
+        let offset = fetch.providerOffset
+        let taskExecutor: any TaskExecutor = options.providerExecutor ?? executor
+        fetch.task = Task(executorPreference: taskExecutor) { [weak self] in
+            let result: Result<PageContent, any Error>
+            do {
+                result = .success(try await provider.read(into: target, at: offset))
+            } catch {
+                result = .failure(error)
+            }
+            await self?.readReturned(id: id, generation: generation, buffer: buffer, result: result)
+        }
+        if let timeout = options.providerTimeout {
+            executor.queue.asyncAfter(deadline: .now() + timeout.timeInterval) { [weak self] in
+                self?.assumeIsolated { $0.readTimedOut(id: id, generation: generation, timeout: timeout) }
+            }
+        }
+    }
+
+    private func readReturned(id: Int, generation: Int, buffer: PooledBuffer, result: Result<PageContent, any Error>) {
+        guard let fetch = fetches[id], fetch.generation == generation else {
+            // An abandoned attempt (timed out or cancelled): its buffer is free again only now.
+            pool.give(buffer)
+            return
+        }
+        fetch.reading = false
+        activeReads -= 1
+        launchWaiting()
+        switch result {
+        case .success(let content): readFinished(fetch, content: content)
+        case .failure(let error): readFailed(fetch, error: error)
+        }
+    }
+
+    private func readTimedOut(id: Int, generation: Int, timeout: Duration) {
+        guard let fetch = fetches[id], fetch.generation == generation, fetch.reading else { return }
+        // Abandon the attempt: its buffer stays with the read still running and is returned when it ends.
+        fetch.generation += 1
+        fetch.reading = false
+        fetch.buffer = nil
+        fetch.task?.cancel()
+        activeReads -= 1
+        launchWaiting()
+        readFailed(fetch, error: ProviderTimeoutError(timeout: timeout))
+    }
+
+    private func launchWaiting() {
+        while activeReads < options.maxConcurrentReads, !waitingForSlot.isEmpty {
+            let id = waitingForSlot.removeFirst()
+            if let fetch = fetches[id] { launch(fetch) }
+        }
+    }
+
+    private func readFinished(_ fetch: Fetch, content: PageContent) {
+        if fetch.invalidated {
+            wakeWaiters(of: fetch)
+            finishFetch(fetch, error: nil)
+            return
+        }
+        switch content {
+        case .zeros:
+            fetch.installation = .zeroPage
+        case .bytes(let count):
+            fetch.installation = .copy
+            let filled = max(0, min(count, fetch.length))
+            if filled < fetch.length, let buffer = fetch.buffer {
+                buffer.pageBuffer.fill(0, in: filled..<fetch.length)
+            }
+        }
+        install(fetch)
+    }
+
+    private func readFailed(_ fetch: Fetch, error: any Error) {
+        counters.withLock { $0.providerErrors += 1 }
+        if !isCancelled, !fetch.invalidated, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
+            let id = fetch.id, generation = fetch.generation
+            executor.queue.asyncAfter(deadline: .now() + delay.timeInterval) { [weak self] in
+                self?.assumeIsolated { resolver in
+                    guard let fetch = resolver.fetches[id], fetch.generation == generation else { return }
+                    if resolver.activeReads >= resolver.options.maxConcurrentReads {
+                        resolver.waitingForSlot.append(id)
+                    } else {
+                        resolver.launch(fetch)
+                    }
+                }
+            }
+            return
+        }
+        let terminal = options.failurePolicy.terminal
+        reportFailure(RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
+                                  attempts: fetch.attempts, resolution: terminal))
+        if fetch.invalidated || fetch.waiters.isEmpty {
+            wakeWaiters(of: fetch)
+            finishFetch(fetch, error: error)
+            return
+        }
+        // Resolve only the pages threads wait on; the rest of the cluster stays missing and is asked for again later.
+        for page in Set(fetch.waiters.map(\.page)).sorted() {
+            let address = fetch.address + UInt((page - fetch.pages.lowerBound) * pageSize)
+            let range = MemoryRange(start: address, length: pageSize)
+            switch terminal {
+            case .poison:
+                if (try? uffd.poison(range)) != nil {
+                    counters.withLock { $0.pagesPoisoned += 1 }
+                    fetch.region.present[page] = true
+                } else {
+                    try? uffd.wake(range)
+                }
+            default:
+                if (try? uffd.zeroPage(range)) != nil {
+                    counters.withLock { $0.zeroPages += 1 }
+                    fetch.region.present[page] = true
+                } else {
+                    try? uffd.wake(range)
+                }
+            }
+        }
+        finishFetch(fetch, error: RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
+                                              attempts: fetch.attempts, resolution: terminal))
+    }
+
+    /// Installs a fetch's pages (copy, zero page or poison), splitting around pages already present and resuming after
+    /// partial progress. When the kernel defers (`EAGAIN` with nothing done: an event is unread), the fetch waits in
+    /// `deferred` and is retried after the next batch of events.
+    func install(_ fetch: Fetch) {
+        let total = fetch.length
+        while fetch.installed < total {
+            let offset = fetch.installed
+            let destination = fetch.address + UInt(offset)
+            let remaining = total - offset
+            do throws(UserfaultError) {
+                switch fetch.installation {
+                case .copy:
+                    try uffd.copy(from: fetch.buffer!.pointer + offset, to: destination, length: remaining)
+                case .zeroPage:
+                    try uffd.zeroPage(MemoryRange(start: destination, length: remaining))
+                case .poison:
+                    try uffd.poison(MemoryRange(start: destination, length: remaining))
+                }
+                markInstalled(fetch, bytes: remaining)
+            } catch {
+                switch error.code {
+                case .tryAgain(let done) where done > 0:
+                    markInstalled(fetch, bytes: done)
+                case .pageExists:
+                    // Someone else resolved this page: count it present, wake whoever waits on it, go on after it.
+                    try? uffd.wake(MemoryRange(start: destination, length: pageSize))
+                    fetch.region.present[fetch.pages.lowerBound + offset / pageSize] = true
+                    fetch.installed += pageSize
+                case .tryAgain:
+                    if !deferred.contains(fetch.id) { deferred.append(fetch.id) }
+                    counters.withLock { $0.deferredRetries += 1 }
+                    scheduleDeferredRetry()
+                    return
+                default:
+                    // The range is gone (unmapped, process exited, closed): nothing to wake.
+                    finishFetch(fetch, error: nil)
+                    return
+                }
+            }
+        }
+        let now = monotonicNanoseconds()
+        counters.withLock { counters in
+            for waiter in fetch.waiters { counters.latency.record(nanoseconds: now &- waiter.readAt) }
+        }
+        finishFetch(fetch, error: nil)
+    }
+
+    private func markInstalled(_ fetch: Fetch, bytes: Int) {
+        let firstPage = fetch.pages.lowerBound + fetch.installed / pageSize
+        let pages = bytes / pageSize
+        fetch.region.present.set(firstPage..<firstPage + pages, to: true)
+        fetch.installed += bytes
+        counters.withLock { counters in
+            switch fetch.installation {
+            case .copy:
+                counters.pagesCopied += pages
+                counters.bytesCopied += bytes
+            case .zeroPage:
+                counters.zeroPages += pages
+            case .poison:
+                counters.pagesPoisoned += pages
+            }
+        }
+    }
+
+    func retryDeferred() {
+        let ids = deferred
+        deferred.removeAll()
+        for id in ids {
+            guard let fetch = fetches[id] else { continue }
+            if fetch.invalidated {
+                wakeWaiters(of: fetch)
+                finishFetch(fetch, error: nil)
+            } else {
+                install(fetch)
+            }
+        }
+    }
+
+    /// Retries deferred resolutions shortly even if no further event arrives (EAGAIN can also come from a transient
+    /// change of the address space).
+    private func scheduleDeferredRetry() {
+        guard !deferredRetryScheduled else { return }
+        deferredRetryScheduled = true
+        executor.queue.asyncAfter(deadline: .now() + .microseconds(200)) { [weak self] in
+            self?.assumeIsolated { resolver in
+                resolver.deferredRetryScheduled = false
+                if !resolver.deferred.isEmpty { resolver.retryDeferred() }
+            }
+        }
+    }
+
+    /// Marks fetches overlapping `segment` (a removed, unmapped or moved part) so that their data is not installed.
+    func invalidateFetches(in segment: ServedSegment) {
+        for fetch in fetches.values where fetch.region === segment.region && fetch.pages.overlaps(segment.pages) {
+            fetch.invalidated = true
+        }
+    }
+
+    /// Wakes the threads waiting on a fetch whose data will not be installed: they fault again and get a fresh resolution.
+    func wakeWaiters(of fetch: Fetch) {
+        for page in Set(fetch.waiters.map(\.page)) {
+            let address = fetch.address + UInt((page - fetch.pages.lowerBound) * pageSize)
+            try? uffd.wake(MemoryRange(start: address, length: pageSize))
+        }
+    }
+
+    func resolveWaitersOnCancel(_ fetch: Fetch) {
+        for page in Set(fetch.waiters.map(\.page)).sorted() where !fetch.region.present[page] {
+            let address = fetch.address + UInt((page - fetch.pages.lowerBound) * pageSize)
+            let range = MemoryRange(start: address, length: pageSize)
+            switch options.cancellation {
+            case .zeroFill:
+                if (try? uffd.zeroPage(range)) != nil { fetch.region.present[page] = true } else { try? uffd.wake(range) }
+            case .poison:
+                if (try? uffd.poison(range)) != nil {
+                    fetch.region.present[page] = true
+                    counters.withLock { $0.pagesPoisoned += 1 }
+                } else {
+                    try? uffd.wake(range)
+                }
+            }
+        }
+    }
+
+    /// Ends a fetch: clears its in-flight pages, returns its buffer, resumes prefetches waiting on it.
+    func finishFetch(_ fetch: Fetch, error: (any Error)?) {
+        guard fetches[fetch.id] === fetch else { return }
+        fetches[fetch.id] = nil
+        fetch.region.inFlight.set(fetch.pages, to: false)
+        if let buffer = fetch.buffer, !fetch.reading {
+            pool.give(buffer)
+        }
+        fetch.buffer = nil
+        let completions = fetch.completions
+        fetch.completions.removeAll()
+        for completion in completions {
+            if let error { completion.resume(throwing: error) } else { completion.resume() }
+        }
+    }
+}
+
+extension Duration {
+    /// As a Dispatch time interval.
+    var timeInterval: DispatchTimeInterval {
+        let (seconds, attoseconds) = components
+        return .nanoseconds(Int(min(seconds, Int64(Int.max / 1_000_000_000))) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
+    }
+}

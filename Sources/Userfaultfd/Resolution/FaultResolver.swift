@@ -1,0 +1,364 @@
+import Dispatch
+import Glibc
+import Synchronization
+
+/// Resolves page faults from ``PageProvider``s: many at once, deduplicated, with readahead, without ever needing a thread
+/// of Swift's cooperative pool.
+///
+/// Give it the ranges to serve with ``serve(_:provider:providerOffset:)``, then either let it read the userfaultfd itself
+/// (``start()``: the fastest path, used by ``LazyRegion``) or feed it from your own loop:
+///
+/// ```swift
+/// let resolver = FaultResolver(uffd: uffd)
+/// await resolver.serve(range, provider: provider)
+/// for try await event in uffd.events {
+///     try await resolver.handle(event)
+/// }
+/// ```
+///
+/// ## How faults are resolved
+/// - A fault on a page that is being fetched joins that fetch: one provider read, one copy.
+/// - Sequential faults grow the cluster of pages one read brings in (``ReadaheadPolicy``).
+/// - Up to ``Options/maxConcurrentReads`` provider reads are in flight; more wait their turn.
+/// - Providers that answer at once (``PageProvider/readImmediately(into:at:)``) are served inside the event handler.
+/// - Races are handled: a page already present is woken (`EEXIST`), partial progress is resumed, clusters are split
+///   around pages that became present, a range removed or unmapped meanwhile is dropped.
+/// - Events first: REMOVE, UNMAP, REMAP and FORK in a batch are applied before its faults; a resolution the kernel
+///   defers (`EAGAIN` while an event is unread) is retried after the next read, and the reader never waits on a provider.
+/// - A provider that throws or times out gets the ``FailurePolicy``; the faulting thread never hangs.
+///
+/// ## Executors
+/// The actor runs on the userfaultfd's event queue (``UserfaultFD/eventExecutor``), and provider reads run with a task
+/// executor preference for it (or ``Options/providerExecutor``). Faulting threads can therefore be every thread of the
+/// cooperative pool without stopping resolution.
+public actor FaultResolver {
+    /// How a resolver behaves.
+    public struct Options: Sendable {
+        /// Provider reads in flight at most.
+        public var maxConcurrentReads: Int
+        /// How many pages one fault brings in.
+        public var readahead: ReadaheadPolicy
+        /// What faulting threads get when the provider fails.
+        public var failurePolicy: FailurePolicy
+        /// A read that takes longer fails with ``ProviderTimeoutError`` (then the failure policy). `nil`: no limit.
+        public var providerTimeout: Duration?
+        /// What faults get once resolution is cancelled.
+        public var cancellation: CancellationResolution
+        /// Where provider reads run; `nil` for the userfaultfd's event executor. Must not be the cooperative pool's.
+        public var providerExecutor: (any TaskExecutor)?
+
+        public init(
+            maxConcurrentReads: Int = 64,
+            readahead: ReadaheadPolicy = .default,
+            failurePolicy: FailurePolicy = .default,
+            providerTimeout: Duration? = .seconds(60),
+            cancellation: CancellationResolution = .zeroFill,
+            providerExecutor: (any TaskExecutor)? = nil
+        ) {
+            precondition(maxConcurrentReads > 0, "maxConcurrentReads must be positive")
+            self.maxConcurrentReads = maxConcurrentReads
+            self.readahead = readahead
+            self.failurePolicy = failurePolicy
+            self.providerTimeout = providerTimeout
+            self.cancellation = cancellation
+            self.providerExecutor = providerExecutor
+        }
+    }
+
+    /// The userfaultfd whose faults this resolver resolves.
+    public nonisolated let uffd: UserfaultFD
+    /// The options it was made with.
+    public nonisolated let options: Options
+    nonisolated let executor: QueueExecutor
+    nonisolated let counters = Mutex(ResolverStatistics())
+    private nonisolated let errorChannel = AsyncStream<RegionError>.makeStream(bufferingPolicy: .bufferingNewest(256))
+    private nonisolated let forkChannel = AsyncStream<UserfaultFD>.makeStream()
+
+    public nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
+
+    let pageSize: Int
+    var segments: [ServedSegment] = []
+    var fetches: [Int: Fetch] = [:]
+    var waitingForSlot: [Int] = []
+    var deferred: [Int] = []
+    var activeReads = 0
+    var nextFetchID = 0
+    var nextRegionID = 0
+    var isCancelled = false
+    var deferredRetryScheduled = false
+    let pool: AlignedBufferPool
+
+    /// A resolver for `uffd`'s faults.
+    public init(uffd: UserfaultFD, options: Options = Options()) {
+        self.uffd = uffd
+        self.options = options
+        self.executor = uffd.eventExecutor
+        self.pageSize = uffd.pageSize
+        self.pool = AlignedBufferPool(bufferSize: max(options.readahead.maximumPages(pageSize: uffd.pageSize) * uffd.pageSize, 1 << 20))
+    }
+
+    /// Serves faults in `range` (page-aligned, already registered with the userfaultfd) from `provider`, page 0 of the range
+    /// being byte `providerOffset` of the provider's data.
+    public func serve(_ range: MemoryRange, provider: any PageProvider, providerOffset: Int = 0) throws(UserfaultError) {
+        try uffd.checkAligned(range, .register)
+        if let clash = segments.first(where: { $0.range.overlaps(range) }) {
+            throw UserfaultError(.invalidArgument, operation: .register, range: range,
+                                 detail: "overlaps a range this resolver already serves (\(clash.range))")
+        }
+        let region = try ServedRegion(id: nextRegionID, length: range.length, provider: provider,
+                                      providerOffset: providerOffset, pageSize: pageSize, readahead: options.readahead)
+        nextRegionID += 1
+        segments.append(ServedSegment(range: range, region: region, firstPage: 0))
+    }
+
+    /// Starts reading the userfaultfd's events itself, on its event queue: the path with the fewest thread hops.
+    /// The userfaultfd's ``UserfaultFD/events`` can then not be iterated (and vice versa).
+    public nonisolated func start() throws(UserfaultError) {
+        try uffd.reader.attach(ResolverSink(resolver: self))
+    }
+
+    /// Handles one event from your own loop over ``UserfaultFD/events``. Returns once the event is applied or the fault's
+    /// resolution is under way: it never waits for a provider.
+    public func handle(_ event: FaultEvent) {
+        process(CollectionOfOne(.success(event)), readAt: monotonicNanoseconds())
+    }
+
+    /// The counters so far. Readable from any thread.
+    public nonisolated var statistics: ResolverStatistics { counters.withLock { $0 } }
+
+    /// Provider failures, as the failure policy resolves them (the newest 256 are kept if nobody listens).
+    public nonisolated var errors: AsyncStream<RegionError> { errorChannel.stream }
+
+    /// The userfaultfds of forked children (with ``UserfaultFeatures/eventFork``). Their faults are not served by this
+    /// resolver; serve or close each one.
+    public nonisolated var forkedChildren: AsyncStream<UserfaultFD> { forkChannel.stream }
+
+    /// Stops calling providers: faults pending now and later are resolved at once with ``Options/cancellation``,
+    /// provider reads in flight are cancelled, and prefetches waiting on them throw `CancellationError`.
+    public func cancel() {
+        guard !isCancelled else { return }
+        isCancelled = true
+        waitingForSlot.removeAll()
+        for id in Array(fetches.keys).sorted() {
+            guard let fetch = fetches[id] else { continue }
+            fetch.task?.cancel()
+            fetch.generation += 1
+            deferred.removeAll { $0 == id }
+            if fetch.reading { activeReads -= 1 }
+            resolveWaitersOnCancel(fetch)
+            finishFetch(fetch, error: CancellationError())
+        }
+    }
+
+    /// Resolves `range` ahead of access, without blocking a thread. Returns when every page in it is present (or throws
+    /// the provider's ``RegionError`` once the failure policy gave up on a page).
+    public func prefetch(_ range: MemoryRange) async throws {
+        let wanted = range.expandedToPages(of: pageSize)
+        var awaited: [Fetch] = []
+        for segment in segments {
+            guard let part = segment.slice(wanted) else { continue }
+            let region = segment.region
+            var page = part.firstPage
+            let end = part.pages.upperBound
+            while page < end {
+                if region.present[page] { page += 1; continue }
+                if region.inFlight[page] {
+                    if let fetch = fetch(covering: page, of: region), !awaited.contains(where: { $0 === fetch }) {
+                        awaited.append(fetch)
+                    }
+                    page += 1
+                    continue
+                }
+                var upper = page + 1
+                let cap = options.readahead.maximumPages(pageSize: pageSize)
+                while upper < end && upper - page < cap && region.isFree(upper) { upper += 1 }
+                if isCancelled { throw CancellationError() }
+                let fetch = makeFetch(region: region, segment: segment, pages: page..<upper)
+                awaited.append(fetch)
+                start(fetch)
+                page = upper
+            }
+        }
+        for fetch in awaited where fetches[fetch.id] === fetch {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                fetch.completions.append(continuation)
+            }
+        }
+    }
+
+    // MARK: - Events
+
+    /// Applies a batch: non-fault events first, then faults, then deferred resolutions.
+    func process<Batch: Collection<Result<FaultEvent, UserfaultError>>>(_ batch: Batch, readAt: UInt64) {
+        for item in batch {
+            switch item {
+            case .success(.pageFault): continue
+            case .success(let event): apply(event)
+            case .failure(let error): report(decodeError: error)
+            }
+        }
+        for item in batch {
+            if case .success(.pageFault(let fault)) = item { resolve(fault, readAt: readAt) }
+        }
+        if !deferred.isEmpty { retryDeferred() }
+    }
+
+    private func apply(_ event: FaultEvent) {
+        counters.withLock { $0.events += 1 }
+        switch event {
+        case .pageFault:
+            break
+        case .remove(let range):
+            // The pages are gone: forget them, and don't install data fetched for them before the removal.
+            forEachPart(of: range) { segment in
+                segment.region.present.set(segment.pages, to: false)
+                invalidateFetches(in: segment)
+            }
+        case .unmap(let range):
+            forEachPart(of: range) { invalidateFetches(in: $0) }
+            segments = segments.flatMap { $0.removing(range) }
+        case .remap(let from, let to, let length):
+            let moved = MemoryRange(start: from, length: length)
+            forEachPart(of: moved) { invalidateFetches(in: $0) }
+            var result: [ServedSegment] = []
+            for segment in segments {
+                result.append(contentsOf: segment.removing(moved))
+                if var part = segment.slice(moved) {
+                    part.range.start = part.range.start - from + to
+                    result.append(part)
+                }
+            }
+            segments = result
+        case .fork(let child):
+            forkChannel.continuation.yield(child)
+        }
+    }
+
+    private func forEachPart(of range: MemoryRange, _ body: (ServedSegment) -> Void) {
+        for segment in segments {
+            if let part = segment.slice(range) { body(part) }
+        }
+    }
+
+    // MARK: - Faults
+
+    private func resolve(_ fault: PageFault, readAt: UInt64) {
+        counters.withLock { $0.faults += 1 }
+        let page = MemoryRange(start: fault.pageAddress, length: pageSize)
+        switch fault.kind {
+        case .missing:
+            break
+        case .writeProtect:
+            // Not a page this resolver fills: lift the protection so the writer never hangs.
+            try? uffd.writeProtect(page, enabled: false)
+            return
+        case .minor:
+            _ = try? uffd.continue(page)
+            return
+        }
+        guard let segment = segments.first(where: { $0.range.contains(fault.address) }) else {
+            counters.withLock { $0.unservedFaults += 1 }
+            wakeWithZeroPage(page)
+            return
+        }
+        let region = segment.region
+        let index = segment.page(at: fault.address)
+        if region.inFlight[index] {
+            if let fetch = fetch(covering: index, of: region) {
+                fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
+                counters.withLock { $0.deduplicatedFaults += 1 }
+                return
+            }
+        }
+        if region.present[index] {
+            try? uffd.wake(page)
+            counters.withLock {
+                $0.alreadyPresentFaults += 1
+                $0.latency.record(nanoseconds: monotonicNanoseconds() &- readAt)
+            }
+            return
+        }
+        if isCancelled {
+            resolveCancelled(page)
+            return
+        }
+        let limit: Range<Int>
+        if index < region.dataPages {
+            limit = segment.pages.lowerBound..<min(segment.pages.upperBound, region.dataPages)
+        } else {
+            limit = max(segment.pages.lowerBound, region.dataPages)..<segment.pages.upperBound
+        }
+        let pages = region.cluster(for: index, within: limit, readahead: options.readahead)
+        let fetch = makeFetch(region: region, segment: segment, pages: pages)
+        fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
+        start(fetch)
+    }
+
+    /// A zero page for a fault nobody serves, so that its thread does not hang.
+    private func wakeWithZeroPage(_ page: MemoryRange) {
+        do {
+            try uffd.zeroPage(page)
+        } catch {
+            try? uffd.wake(page)
+        }
+    }
+
+    private func resolveCancelled(_ page: MemoryRange) {
+        switch options.cancellation {
+        case .zeroFill:
+            wakeWithZeroPage(page)
+        case .poison:
+            if (try? uffd.poison(page)) != nil {
+                counters.withLock { $0.pagesPoisoned += 1 }
+            } else {
+                try? uffd.wake(page)
+            }
+        }
+    }
+
+    private func report(decodeError error: UserfaultError) {
+        errorChannel.continuation.yield(RegionError(
+            range: error.range ?? MemoryRange(start: 0, length: 0), providerOffset: 0, underlying: error, attempts: 0,
+            resolution: .zeroFill))
+    }
+
+    func reportFailure(_ error: RegionError) {
+        errorChannel.continuation.yield(error)
+    }
+
+    /// The reader stopped: the userfaultfd was closed (or failed). Nothing can be resolved any more.
+    func readerFinished(_ error: UserfaultError?) {
+        if let error { report(decodeError: error) }
+        cancel()
+        errorChannel.continuation.finish()
+        forkChannel.continuation.finish()
+    }
+}
+
+/// Feeds a resolver from its userfaultfd's event reader, on the event queue (the resolver's own executor).
+private final class ResolverSink: FaultEventSink {
+    let resolver: FaultResolver
+
+    init(resolver: FaultResolver) {
+        self.resolver = resolver
+    }
+
+    func receive(_ batch: inout [Result<FaultEvent, UserfaultError>]) {
+        let now = monotonicNanoseconds()
+        resolver.assumeIsolated { resolver in
+            resolver.process(batch, readAt: now)
+        }
+    }
+
+    func finish(_ error: UserfaultError?) {
+        resolver.assumeIsolated { $0.readerFinished(error) }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+@inline(__always)
+func monotonicNanoseconds() -> UInt64 {
+    var time = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &time)
+    return UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_nsec)
+}

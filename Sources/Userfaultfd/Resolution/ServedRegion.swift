@@ -1,0 +1,110 @@
+/// A range of memory a ``FaultResolver`` serves from one provider, with what it knows of each page.
+///
+/// Pages are numbered from the start of the region as registered; the addresses they live at are kept in
+/// ``ServedSegment``s, so REMAP and UNMAP only edit segments and the per-page state stays where it is.
+final class ServedRegion {
+    let id: Int
+    let provider: any PageProvider
+    /// Offset in the provider's data of page 0.
+    let providerOffset: Int
+    let pageSize: Int
+    let pageCount: Int
+    /// Pages holding provider data; pages from here on are past the end of the data and read as zero.
+    let dataPages: Int
+    /// Bytes of provider data from `providerOffset` on (nil: unbounded).
+    let dataBytes: Int?
+    /// Pages resolved (copied, zero-filled or poisoned) and not removed since.
+    let present: PageBitmap
+    /// Pages covered by a fetch in flight.
+    let inFlight: PageBitmap
+    /// Read alignment, in pages, from the provider's preferred read size.
+    let alignmentPages: Int
+
+    // Readahead state.
+    var nextExpectedPage = -1
+    var windowPages: Int
+
+    init(id: Int, length: Int, provider: any PageProvider, providerOffset: Int, pageSize: Int, readahead: ReadaheadPolicy) throws(UserfaultError) {
+        self.id = id
+        self.provider = provider
+        self.providerOffset = providerOffset
+        self.pageSize = pageSize
+        self.pageCount = length / pageSize
+        if let size = provider.size {
+            let bytes = max(0, size - providerOffset)
+            dataBytes = bytes
+            dataPages = min(pageCount, (bytes + pageSize - 1) / pageSize)
+        } else {
+            dataBytes = nil
+            dataPages = pageCount
+        }
+        present = try PageBitmap(pages: pageCount)
+        inFlight = try PageBitmap(pages: pageCount)
+        windowPages = readahead.initialPages(pageSize: pageSize)
+        alignmentPages = readahead == .none ? 1 : max(1, provider.preferredReadSize / pageSize)
+    }
+
+    @inline(__always) func isFree(_ page: Int) -> Bool { !present[page] && !inFlight[page] }
+
+    /// The pages one fault at `page` brings in: grown by readahead, aligned to the provider's read size, clipped to
+    /// `limit` (the segment and the data), and never over a page present or in flight.
+    func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy) -> Range<Int> {
+        let maximum = readahead.maximumPages(pageSize: pageSize)
+        if readahead == .none {
+            windowPages = 1
+        } else if page == nextExpectedPage {
+            windowPages = min(windowPages * 2, maximum)
+        } else {
+            windowPages = readahead.initialPages(pageSize: pageSize)
+        }
+        let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
+        var lower = page
+        while lower > alignedStart && isFree(lower - 1) { lower -= 1 }
+        let cap = max(maximum, alignmentPages)
+        let target = min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
+        var upper = page + 1
+        while upper < target && isFree(upper) { upper += 1 }
+        nextExpectedPage = upper
+        return lower..<upper
+    }
+
+    /// Bytes of provider data a read of `pages` should produce (clipped to the end of the data).
+    func dataLength(of pages: Range<Int>) -> Int {
+        let bytes = pages.count * pageSize
+        guard let dataBytes else { return bytes }
+        return max(0, min(bytes, dataBytes - pages.lowerBound * pageSize))
+    }
+}
+
+/// Where a run of a region's pages currently lives in the address space.
+struct ServedSegment {
+    var range: MemoryRange
+    let region: ServedRegion
+    /// The region page at `range.start`.
+    var firstPage: Int
+
+    var pages: Range<Int> { firstPage..<firstPage + range.length / region.pageSize }
+
+    func page(at address: UInt) -> Int { firstPage + Int((address - range.start) / UInt(region.pageSize)) }
+
+    func address(of page: Int) -> UInt { range.start + UInt((page - firstPage) * region.pageSize) }
+
+    /// The part of this segment inside `other`, as a segment.
+    func slice(_ other: MemoryRange) -> ServedSegment? {
+        guard let common = range.intersection(other) else { return nil }
+        return ServedSegment(range: common, region: region, firstPage: page(at: common.start))
+    }
+
+    /// What is left of this segment outside `other` (zero, one or two pieces).
+    func removing(_ other: MemoryRange) -> [ServedSegment] {
+        guard let common = range.intersection(other) else { return [self] }
+        var pieces: [ServedSegment] = []
+        if common.start > range.start {
+            pieces.append(ServedSegment(range: MemoryRange(start: range.start, end: common.start), region: region, firstPage: firstPage))
+        }
+        if common.end < range.end {
+            pieces.append(ServedSegment(range: MemoryRange(start: common.end, end: range.end), region: region, firstPage: page(at: common.end)))
+        }
+        return pieces
+    }
+}
