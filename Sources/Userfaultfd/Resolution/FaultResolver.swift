@@ -119,7 +119,9 @@ public actor FaultResolver {
 
     /// Handles one event from your own loop over ``UserfaultFD/events``. Returns once the event is applied or the fault's
     /// resolution is under way: it never waits for a provider.
-    public func handle(_ event: FaultEvent) {
+    /// - Throws: ``UserfaultError/Code/closed`` once the userfaultfd is closed.
+    public func handle(_ event: FaultEvent) throws(UserfaultError) {
+        guard !uffd.isClosed else { throw UserfaultError(.closed, operation: .iterate, detail: "the resolver's userfaultfd is closed") }
         process(CollectionOfOne(.success(event)), readAt: monotonicNanoseconds())
     }
 
