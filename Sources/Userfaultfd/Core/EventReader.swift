@@ -74,9 +74,14 @@ final class EventReader: Sendable {
             state.sink = sink
             let source = DispatchSource.makeReadSource(fileDescriptor: lease.descriptor, queue: executor.queue)
             source.setEventHandler { [weak self] in self?.drain() }
-            source.setCancelHandler { [lease] in
+            source.setCancelHandler { [weak self, lease] in
                 sink.finish(nil)
                 lease.release()
+                // Drop the sink: a resolver holds its userfaultfd, which holds this reader.
+                self?.state.withLock { state in
+                    state.sink = nil
+                    state.source = nil
+                }
             }
             state.source = source
             source.resume()

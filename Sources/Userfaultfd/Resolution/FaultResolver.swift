@@ -172,7 +172,7 @@ public actor FaultResolver {
                     continue
                 }
                 var upper = page + 1
-                let cap = options.readahead.maximumPages(pageSize: pageSize)
+                let cap = pool.bufferSize / pageSize
                 while upper < end && upper - page < cap && region.isFree(upper) { upper += 1 }
                 if isCancelled { throw CancellationError() }
                 let fetch = makeFetch(region: region, segment: segment, pages: page..<upper)
@@ -290,7 +290,8 @@ public actor FaultResolver {
         } else {
             limit = max(segment.pages.lowerBound, region.dataPages)..<segment.pages.upperBound
         }
-        let pages = region.cluster(for: index, within: limit, readahead: options.readahead)
+        let pages = region.cluster(for: index, within: limit, readahead: options.readahead,
+                                   maximumPages: pool.bufferSize / pageSize)
         let fetch = makeFetch(region: region, segment: segment, pages: pages)
         fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
         start(fetch)

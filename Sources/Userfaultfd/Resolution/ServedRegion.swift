@@ -47,8 +47,8 @@ final class ServedRegion {
     @inline(__always) func isFree(_ page: Int) -> Bool { !present[page] && !inFlight[page] }
 
     /// The pages one fault at `page` brings in: grown by readahead, aligned to the provider's read size, clipped to
-    /// `limit` (the segment and the data), and never over a page present or in flight.
-    func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy) -> Range<Int> {
+    /// `limit` (the segment and the data) and to `maximumPages` (a buffer's size), never over a page present or in flight.
+    func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Range<Int> {
         let maximum = readahead.maximumPages(pageSize: pageSize)
         if readahead == .none {
             windowPages = 1
@@ -60,7 +60,7 @@ final class ServedRegion {
         let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
         var lower = page
         while lower > alignedStart && isFree(lower - 1) { lower -= 1 }
-        let cap = max(maximum, alignmentPages)
+        let cap = min(max(maximum, alignmentPages), maximumPages)
         let target = min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
         var upper = page + 1
         while upper < target && isFree(upper) { upper += 1 }
