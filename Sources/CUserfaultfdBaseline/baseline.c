@@ -215,6 +215,10 @@ static uint64_t touch(const uint8_t *region, size_t length, size_t page_size, cb
     return sum;
 }
 
+uint64_t cbaseline_touch_region(const void *start, size_t length, cbaseline_workload workload) {
+    return touch(start, length, cbaseline_page_size(), workload);
+}
+
 double cbaseline_touch_pages(size_t pages, size_t pages_per_copy, cbaseline_workload workload, uint8_t fill,
                              cbaseline_result *out) {
     if (out) memset(out, 0, sizeof *out);

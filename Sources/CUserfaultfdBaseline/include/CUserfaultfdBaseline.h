@@ -56,6 +56,10 @@ double cbaseline_touch_pages(size_t pages, size_t pages_per_copy, cbaseline_work
 /// Returns ns per page, negative on failure.
 double cbaseline_anonymous_first_touch(size_t pages, int write, cbaseline_result *out);
 
+/// The touching loop the baseline measures, for any memory (so the Swift benchmarks touch their regions the same way):
+/// reads one byte per page, or every byte (as 64-bit words), in order. Returns the sum of what it read.
+uint64_t cbaseline_touch_region(const void *start, size_t length, cbaseline_workload workload);
+
 /// The kernel's page size.
 size_t cbaseline_page_size(void);
 

@@ -183,7 +183,8 @@ extension FaultResolver {
 
     private func readFailed(_ fetch: Fetch, error: any Error) {
         counters.withLock { $0.providerErrors += 1 }
-        if !isCancelled, !fetch.invalidated, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
+        let permanent = (error as? any ProviderFailure)?.isPermanent ?? false
+        if !isCancelled, !fetch.invalidated, !permanent, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
             let id = fetch.id, generation = fetch.generation
             executor.queue.asyncAfter(deadline: .now() + delay.timeInterval) { [weak self] in
                 self?.assumeIsolated { resolver in

@@ -47,3 +47,13 @@ public enum PageContent: Sendable, Hashable {
     /// The whole range is zero (resolved with `UFFDIO_ZEROPAGE`, without a copy).
     case zeros
 }
+
+/// An error a provider throws that can say whether retrying could help.
+///
+/// The resolver retries failed reads per its ``FailurePolicy``; a ``isPermanent`` failure (an object that does not
+/// exist, access denied, a range the source cannot serve) skips those retries and goes straight to the policy's final
+/// resolution. Errors that don't conform are retried.
+public protocol ProviderFailure: Error {
+    /// Whether the same read would fail again.
+    var isPermanent: Bool { get }
+}
