@@ -43,6 +43,11 @@ final class Fetch {
     var length: Int { pages.count * region.pageSize }
     var range: MemoryRange { MemoryRange(start: address, length: length) }
     var providerOffset: Int { region.providerOffset + pages.lowerBound * region.pageSize }
+
+    /// The address range of one of the fetch's pages.
+    func range(ofPage page: Int) -> MemoryRange {
+        MemoryRange(start: address + UInt((page - pages.lowerBound) * region.pageSize), length: region.pageSize)
+    }
 }
 
 extension FaultResolver {
@@ -208,8 +213,7 @@ extension FaultResolver {
         }
         // Resolve only the pages threads wait on; the rest of the cluster stays missing and is asked for again later.
         for page in Set(fetch.waiters.map(\.page)).sorted() {
-            let address = fetch.address + UInt((page - fetch.pages.lowerBound) * pageSize)
-            let range = MemoryRange(start: address, length: pageSize)
+            let range = fetch.range(ofPage: page)
             switch terminal {
             case .poison:
                 if (try? uffd.poison(range)) != nil {
@@ -219,7 +223,7 @@ extension FaultResolver {
                     try? uffd.wake(range)
                 }
             default:
-                if (try? uffd.zeroPage(range)) != nil {
+                if (try? fillWithZeros(range, of: fetch.region)) != nil {
                     counters.withLock { $0.zeroPages += 1 }
                     fetch.region.present[page] = true
                 } else {
@@ -245,7 +249,7 @@ extension FaultResolver {
                 case .copy:
                     try uffd.copy(from: fetch.buffer!.pointer + offset, to: destination, length: remaining)
                 case .zeroPage:
-                    try uffd.zeroPage(MemoryRange(start: destination, length: remaining))
+                    try fillWithZeros(MemoryRange(start: destination, length: remaining), of: fetch.region)
                 case .poison:
                     try uffd.poison(MemoryRange(start: destination, length: remaining))
                 }
@@ -256,6 +260,7 @@ extension FaultResolver {
                     markInstalled(fetch, bytes: done)
                 case .pageExists:
                     // Someone else resolved this page: count it present, wake whoever waits on it, go on after it.
+                    let pageSize = fetch.region.pageSize
                     try? uffd.wake(MemoryRange(start: destination, length: pageSize))
                     fetch.region.present[fetch.pages.lowerBound + offset / pageSize] = true
                     fetch.installed += pageSize
@@ -279,6 +284,7 @@ extension FaultResolver {
     }
 
     private func markInstalled(_ fetch: Fetch, bytes: Int) {
+        let pageSize = fetch.region.pageSize
         let firstPage = fetch.pages.lowerBound + fetch.installed / pageSize
         let pages = bytes / pageSize
         fetch.region.present.set(firstPage..<firstPage + pages, to: true)
@@ -333,18 +339,16 @@ extension FaultResolver {
     /// Wakes the threads waiting on a fetch whose data will not be installed: they fault again and get a fresh resolution.
     func wakeWaiters(of fetch: Fetch) {
         for page in Set(fetch.waiters.map(\.page)) {
-            let address = fetch.address + UInt((page - fetch.pages.lowerBound) * pageSize)
-            try? uffd.wake(MemoryRange(start: address, length: pageSize))
+            try? uffd.wake(fetch.range(ofPage: page))
         }
     }
 
     func resolveWaitersOnCancel(_ fetch: Fetch) {
         for page in Set(fetch.waiters.map(\.page)).sorted() where !fetch.region.present[page] {
-            let address = fetch.address + UInt((page - fetch.pages.lowerBound) * pageSize)
-            let range = MemoryRange(start: address, length: pageSize)
+            let range = fetch.range(ofPage: page)
             switch options.cancellation {
             case .zeroFill:
-                if (try? uffd.zeroPage(range)) != nil { fetch.region.present[page] = true } else { try? uffd.wake(range) }
+                if (try? fillWithZeros(range, of: fetch.region)) != nil { fetch.region.present[page] = true } else { try? uffd.wake(range) }
             case .poison:
                 if (try? uffd.poison(range)) != nil {
                     fetch.region.present[page] = true
@@ -354,6 +358,14 @@ extension FaultResolver {
                 }
             }
         }
+    }
+
+    /// Zero-fills missing pages: with the shared zero page, or by copying zeros where the memory has none (hugetlbfs).
+    @discardableResult
+    func fillWithZeros(_ range: MemoryRange, of region: ServedRegion?) throws(UserfaultError) -> Int {
+        guard let region, region.zeroByCopy else { return try uffd.zeroPage(range) }
+        if zeroSource == nil { zeroSource = try AnonymousMemory(length: pool.bufferSize) }
+        return try uffd.copy(from: zeroSource!.pointer, to: range.start, length: range.length)
     }
 
     /// Ends a fetch: clears its in-flight pages, returns its buffer, resumes prefetches waiting on it.

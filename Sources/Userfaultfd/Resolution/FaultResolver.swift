@@ -46,6 +46,8 @@ public actor FaultResolver {
         public var cancellation: CancellationResolution
         /// Where provider reads run; `nil` for the userfaultfd's event executor. Must not be the cooperative pool's.
         public var providerExecutor: (any TaskExecutor)?
+        /// What pages get when they fault again after a REMOVE event.
+        public var afterRemove: RemovedPagePolicy
 
         public init(
             maxConcurrentReads: Int = 64,
@@ -53,7 +55,8 @@ public actor FaultResolver {
             failurePolicy: FailurePolicy = .default,
             providerTimeout: Duration? = .seconds(60),
             cancellation: CancellationResolution = .zeroFill,
-            providerExecutor: (any TaskExecutor)? = nil
+            providerExecutor: (any TaskExecutor)? = nil,
+            afterRemove: RemovedPagePolicy = .refetch
         ) {
             precondition(maxConcurrentReads > 0, "maxConcurrentReads must be positive")
             self.maxConcurrentReads = maxConcurrentReads
@@ -62,6 +65,7 @@ public actor FaultResolver {
             self.providerTimeout = providerTimeout
             self.cancellation = cancellation
             self.providerExecutor = providerExecutor
+            self.afterRemove = afterRemove
         }
     }
 
@@ -87,6 +91,8 @@ public actor FaultResolver {
     var isCancelled = false
     var deferredRetryScheduled = false
     let pool: AlignedBufferPool
+    /// Never-written memory to copy zeros from, for memory without a zero page; made on first use.
+    var zeroSource: AnonymousMemory?
 
     /// A resolver for `uffd`'s faults.
     public init(uffd: UserfaultFD, options: Options = Options()) {
@@ -94,19 +100,33 @@ public actor FaultResolver {
         self.options = options
         self.executor = uffd.eventExecutor
         self.pageSize = uffd.pageSize
-        self.pool = AlignedBufferPool(bufferSize: max(options.readahead.maximumPages(pageSize: uffd.pageSize) * uffd.pageSize, 1 << 20))
+        // Buffers hold the largest cluster, and at least one 2 MiB huge page.
+        self.pool = AlignedBufferPool(bufferSize: max(options.readahead.maximumPages(pageSize: uffd.pageSize) * uffd.pageSize, 2 << 20))
     }
 
     /// Serves faults in `range` (page-aligned, already registered with the userfaultfd) from `provider`, page 0 of the range
     /// being byte `providerOffset` of the provider's data.
-    public func serve(_ range: MemoryRange, provider: any PageProvider, providerOffset: Int = 0) throws(UserfaultError) {
-        try uffd.checkAligned(range, .register)
+    ///
+    /// - Parameter pageSize: the memory's page size, when it is not the base page: 2 MiB for hugetlbfs. Faults are then
+    ///   resolved a whole huge page at a time, and zero pages are made by copying zeros.
+    public func serve(
+        _ range: MemoryRange, provider: any PageProvider, providerOffset: Int = 0, pageSize regionPageSize: Int? = nil
+    ) throws(UserfaultError) {
+        let regionPageSize = regionPageSize ?? pageSize
+        guard regionPageSize >= pageSize, regionPageSize & (regionPageSize - 1) == 0, regionPageSize <= pool.bufferSize else {
+            throw UserfaultError(.invalidArgument, operation: .register, range: range,
+                                 detail: "page size \(regionPageSize) must be a power of two from \(pageSize) to \(pool.bufferSize)")
+        }
+        guard range.length > 0, range.isAligned(to: regionPageSize) else {
+            throw UserfaultError(.invalidArgument, operation: .register, range: range,
+                                 detail: "start and length must be positive multiples of the page size (\(regionPageSize))")
+        }
         if let clash = segments.first(where: { $0.range.overlaps(range) }) {
             throw UserfaultError(.invalidArgument, operation: .register, range: range,
                                  detail: "overlaps a range this resolver already serves (\(clash.range))")
         }
         let region = try ServedRegion(id: nextRegionID, length: range.length, provider: provider,
-                                      providerOffset: providerOffset, pageSize: pageSize, readahead: options.readahead)
+                                      providerOffset: providerOffset, pageSize: regionPageSize, readahead: options.readahead)
         nextRegionID += 1
         segments.append(ServedSegment(range: range, region: region, firstPage: 0))
     }
@@ -172,7 +192,7 @@ public actor FaultResolver {
                     continue
                 }
                 var upper = page + 1
-                let cap = pool.bufferSize / pageSize
+                let cap = pool.bufferSize / region.pageSize
                 while upper < end && upper - page < cap && region.isFree(upper) { upper += 1 }
                 if isCancelled { throw CancellationError() }
                 let fetch = makeFetch(region: region, segment: segment, pages: page..<upper)
@@ -212,8 +232,10 @@ public actor FaultResolver {
             break
         case .remove(let range):
             // The pages are gone: forget them, and don't install data fetched for them before the removal.
+            let zeroFill = options.afterRemove == .zeroFill
             forEachPart(of: range) { segment in
                 segment.region.present.set(segment.pages, to: false)
+                if zeroFill { segment.region.removed.set(segment.pages, to: true) }
                 invalidateFetches(in: segment)
             }
         case .unmap(let range):
@@ -260,11 +282,12 @@ public actor FaultResolver {
         }
         guard let segment = segments.first(where: { $0.range.contains(fault.address) }) else {
             counters.withLock { $0.unservedFaults += 1 }
-            wakeWithZeroPage(page)
+            wakeWithZeroPage(page, of: nil)
             return
         }
         let region = segment.region
         let index = segment.page(at: fault.address)
+        let regionPage = MemoryRange(start: segment.address(of: index), length: region.pageSize)
         if region.inFlight[index] {
             if let fetch = fetch(covering: index, of: region) {
                 fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
@@ -273,7 +296,7 @@ public actor FaultResolver {
             }
         }
         if region.present[index] {
-            try? uffd.wake(page)
+            try? uffd.wake(regionPage)
             counters.withLock {
                 $0.alreadyPresentFaults += 1
                 $0.latency.record(nanoseconds: monotonicNanoseconds() &- readAt)
@@ -281,7 +304,18 @@ public actor FaultResolver {
             return
         }
         if isCancelled {
-            resolveCancelled(page)
+            resolveCancelled(regionPage, of: region)
+            return
+        }
+        if region.removed[index] {
+            // Removed under the zero-fill policy: zero pages, no provider.
+            var upper = index + 1
+            let end = min(segment.pages.upperBound, index + pool.bufferSize / region.pageSize)
+            while upper < end && region.removed[upper] && region.isFree(upper) { upper += 1 }
+            let fetch = makeFetch(region: region, segment: segment, pages: index..<upper)
+            fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
+            fetch.installation = .zeroPage
+            install(fetch)
             return
         }
         let limit: Range<Int>
@@ -291,25 +325,25 @@ public actor FaultResolver {
             limit = max(segment.pages.lowerBound, region.dataPages)..<segment.pages.upperBound
         }
         let pages = region.cluster(for: index, within: limit, readahead: options.readahead,
-                                   maximumPages: pool.bufferSize / pageSize)
+                                   maximumPages: pool.bufferSize / region.pageSize)
         let fetch = makeFetch(region: region, segment: segment, pages: pages)
         fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
         start(fetch)
     }
 
     /// A zero page for a fault nobody serves, so that its thread does not hang.
-    private func wakeWithZeroPage(_ page: MemoryRange) {
+    private func wakeWithZeroPage(_ page: MemoryRange, of region: ServedRegion?) {
         do {
-            try uffd.zeroPage(page)
+            try fillWithZeros(page, of: region)
         } catch {
             try? uffd.wake(page)
         }
     }
 
-    private func resolveCancelled(_ page: MemoryRange) {
+    private func resolveCancelled(_ page: MemoryRange, of region: ServedRegion) {
         switch options.cancellation {
         case .zeroFill:
-            wakeWithZeroPage(page)
+            wakeWithZeroPage(page, of: region)
         case .poison:
             if (try? uffd.poison(page)) != nil {
                 counters.withLock { $0.pagesPoisoned += 1 }

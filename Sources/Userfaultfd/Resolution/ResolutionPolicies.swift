@@ -54,6 +54,14 @@ public enum ReadaheadPolicy: Sendable, Hashable {
     }
 }
 
+/// What a page gets when it faults again after a REMOVE event (`madvise(MADV_DONTNEED)`, a balloon inflating).
+public enum RemovedPagePolicy: Sendable, Hashable {
+    /// Ask the provider again, as on first touch.
+    case refetch
+    /// Serve zero pages: the memory was given back, so its old content is gone (Firecracker's balloon semantics).
+    case zeroFill
+}
+
 /// What faults get once resolution has been cancelled (the structured scope of a ``LazyRegion`` was cancelled, or the
 /// resolver shut down with faults pending).
 public enum CancellationResolution: Sendable, Hashable {

@@ -17,6 +17,10 @@ final class ServedRegion {
     let present: PageBitmap
     /// Pages covered by a fetch in flight.
     let inFlight: PageBitmap
+    /// Pages removed (REMOVE event) under ``RemovedPagePolicy/zeroFill``: they fault in as zeros.
+    let removed: PageBitmap
+    /// Zero pages are made by copying zeros (hugetlbfs has no `UFFDIO_ZEROPAGE`).
+    let zeroByCopy: Bool
     /// Read alignment, in pages, from the provider's preferred read size.
     let alignmentPages: Int
 
@@ -40,6 +44,8 @@ final class ServedRegion {
         }
         present = try PageBitmap(pages: pageCount)
         inFlight = try PageBitmap(pages: pageCount)
+        removed = try PageBitmap(pages: pageCount)
+        zeroByCopy = pageSize > systemPageSize
         windowPages = readahead.initialPages(pageSize: pageSize)
         alignmentPages = readahead == .none ? 1 : max(1, provider.preferredReadSize / pageSize)
     }
