@@ -127,8 +127,11 @@ extension FaultResolver {
             await self?.readReturned(id: id, generation: generation, buffer: buffer, result: result)
         }
         if let timeout = options.providerTimeout {
+            // The attempt number identifies this read: an earlier attempt that failed (without bumping the generation)
+            // must not time out a retry with its stale timer.
+            let attempt = fetch.attempts
             executor.queue.asyncAfter(deadline: .now() + timeout.timeInterval) { [weak self] in
-                self?.assumeIsolated { $0.readTimedOut(id: id, generation: generation, timeout: timeout) }
+                self?.assumeIsolated { $0.readTimedOut(id: id, generation: generation, attempt: attempt, timeout: timeout) }
             }
         }
     }
@@ -148,8 +151,8 @@ extension FaultResolver {
         }
     }
 
-    private func readTimedOut(id: Int, generation: Int, timeout: Duration) {
-        guard let fetch = fetches[id], fetch.generation == generation, fetch.reading else { return }
+    private func readTimedOut(id: Int, generation: Int, attempt: Int, timeout: Duration) {
+        guard let fetch = fetches[id], fetch.generation == generation, fetch.attempts == attempt, fetch.reading else { return }
         // Abandon the attempt: its buffer stays with the read still running and is returned when it ends.
         fetch.generation += 1
         fetch.reading = false
@@ -204,11 +207,13 @@ extension FaultResolver {
             return
         }
         let terminal = options.failurePolicy.terminal
-        reportFailure(RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
-                                  attempts: fetch.attempts, resolution: terminal))
+        let failure = RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
+                                  attempts: fetch.attempts, resolution: terminal)
+        reportFailure(failure)
         if fetch.invalidated || fetch.waiters.isEmpty {
             wakeWaiters(of: fetch)
-            finishFetch(fetch, error: error)
+            // Prefetches waiting on this fetch get the RegionError, as when threads wait on it too.
+            finishFetch(fetch, error: failure)
             return
         }
         // Resolve only the pages threads wait on; the rest of the cluster stays missing and is asked for again later.
@@ -231,8 +236,7 @@ extension FaultResolver {
                 }
             }
         }
-        finishFetch(fetch, error: RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
-                                              attempts: fetch.attempts, resolution: terminal))
+        finishFetch(fetch, error: failure)
     }
 
     /// Installs a fetch's pages (copy, zero page or poison), splitting around pages already present and resuming after

@@ -34,7 +34,9 @@ public final class LazyRegion: Sendable {
             throw UserfaultError(.invalidArgument, operation: .register, detail: "a LazyRegion needs a positive length, got \(length)")
         }
         memory = try AnonymousMemory(length: length, noReserve: true)
-        uffd = try UserfaultFD(optionalFeatures: [.threadID])
+        // REMOVE events: a page given back with MADV_DONTNEED faults again, and the resolver must know it is gone
+        // (otherwise it takes the fault for one on a present page, wakes the thread, and the thread faults again forever).
+        uffd = try UserfaultFD(optionalFeatures: [.threadID, .eventRemove])
         count = length
         do {
             try uffd.register(memory.range, mode: .missing)
