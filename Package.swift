@@ -18,6 +18,8 @@ let package = Package(
     products: [
         .library(name: "Userfaultfd", targets: ["Userfaultfd"]),
         .executable(name: "uffd", targets: ["uffd"]),
+        // The C reference of the benchmarks, shared by `uffd bench` and the Benchmarks/ package.
+        .library(name: "CUserfaultfdBaseline", targets: ["CUserfaultfdBaseline"]),
     ],
     targets: [
         // Layer 0: the C shim. Ioctl numbers, kernel structs and non-variadic wrappers.
@@ -30,10 +32,13 @@ let package = Package(
             swiftSettings: strictConcurrency
         ),
 
+        // The benchmarks' C reference: userfaultfd(2)'s poll/read/COPY handler (used by `uffd bench` and Benchmarks/).
+        .target(name: "CUserfaultfdBaseline"),
+
         // Layer 4: the command-line tool. Its commands live in a library so tests can drive them.
         .target(
             name: "UffdTool",
-            dependencies: ["Userfaultfd"],
+            dependencies: ["Userfaultfd", "CUserfaultfdBaseline"],
             swiftSettings: strictConcurrency
         ),
         .executableTarget(
