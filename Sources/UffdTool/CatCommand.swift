@@ -2,9 +2,15 @@ import Foundation
 import Glibc
 import Userfaultfd
 
-/// `uffd cat FILE`: exposes a file through a ``LazyRegion`` and writes it to an output descriptor from memory.
+/// `uffd cat FILE|URL`: exposes a file, or a remote object (an `http://` or `https://` URL read with range requests),
+/// through a ``LazyRegion`` and writes it to an output descriptor from memory.
 public struct CatCommand: Sendable {
+    /// A file path, or an `http://` / `https://` URL.
     public var path: String
+    /// Headers for every request when `path` is a URL (e.g. `Authorization`).
+    public var headers: [String: String] = [:]
+    /// The block size of range requests when `path` is a URL (nil: ``HTTPRangeProvider/Options``' default).
+    public var blockSize: Int?
     public var readahead: ReadaheadPolicy
     public var showStatistics: Bool
     public var output: Int32
@@ -20,15 +26,32 @@ public struct CatCommand: Sendable {
         self.showProgress = showProgress
     }
 
-    /// Copies the file to the output through lazily faulted memory; returns the region's statistics (nil for an empty file).
+    /// Whether `path` names a remote object rather than a file.
+    public var isURL: Bool {
+        let lowercased = path.lowercased()
+        return lowercased.hasPrefix("http://") || lowercased.hasPrefix("https://")
+    }
+
+    /// Copies the file or object to the output through lazily faulted memory; returns the region's statistics (nil when
+    /// it is empty).
     @discardableResult
     public func run() async throws -> ResolverStatistics? {
-        let provider = try FileProvider(path: path)
+        let provider: any PageProvider
+        var remote: HTTPRangeProvider?
+        if isURL {
+            guard let url = URL(string: path) else { throw ToolError("uffd cat: not a valid URL: \(path)") }
+            var options = HTTPRangeProvider.Options()
+            if let blockSize { options.blockSize = blockSize }
+            remote = try await HTTPRangeProvider.open(url: url, headers: headers, options: options)
+            provider = remote!
+        } else {
+            provider = try FileProvider(path: path)
+        }
         let size = provider.size ?? 0
         guard size > 0 else { return nil }
         let started = ContinuousClock.now
         let statistics = try await LazyRegion.with(length: size, provider: provider, options: .init(readahead: readahead)) { region in
-            try await copyOut(region, size: size)
+            try await Self.copyOut(region, range: 0..<size, output: output, showProgress: showProgress, command: "cat")
             return region.statistics
         }
         let elapsed = ContinuousClock.now - started
@@ -37,16 +60,16 @@ public struct CatCommand: Sendable {
             let rate = seconds > 0 ? Double(size) / seconds / 1e6 : 0
             writeError("uffd cat: \(size) bytes in \(String(format: "%.3f", seconds)) s (\(String(format: "%.1f", rate)) MB/s)\n")
             writeError("uffd cat: \(statistics)\n")
+            if let remote { writeError("uffd cat: http: \(remote.statistics)\n") }
         }
         return statistics
     }
 
-    /// Writes the region out in 1 MiB chunks from a dedicated thread (the reads fault), through a bounce buffer so the
-    /// faults happen in user mode.
-    private func copyOut(_ region: LazyRegion, size: Int) async throws {
-        let base = UInt(bitPattern: region.baseAddress)
-        let output = output
-        let showProgress = showProgress
+    /// Writes `range` of the region out in 1 MiB chunks from a dedicated thread (the reads fault), through a bounce
+    /// buffer so the faults happen in user mode.
+    static func copyOut(_ region: LazyRegion, range: Range<Int>, output: Int32, showProgress: Bool, command: String) async throws {
+        let base = UInt(bitPattern: region.baseAddress) + UInt(range.lowerBound)
+        let size = range.count
         let failure = await DedicatedThread.run { () -> String? in
             let chunk = 1 << 20
             let bounce = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
@@ -73,7 +96,7 @@ public struct CatCommand: Sendable {
             }
             return nil
         }.value
-        if let failure { throw ToolError("uffd cat: \(failure)") }
+        if let failure { throw ToolError("uffd \(command): \(failure)") }
     }
 }
 

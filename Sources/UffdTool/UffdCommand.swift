@@ -10,9 +10,15 @@ public enum UffdCommand {
       demo [--pages N] [--delay-ms MS]   userfaultfd(2)'s example: a region of N pages (default 4), each fault served
                                          with a page of the next letter by a `for try await` loop over the events
       abc [--pages N]                    the seed's pattern example: pages of "abc...z" made by a provider on first touch
-      cat FILE [--readahead BYTES|none] [--stats]
-                                         write FILE to stdout from a LazyRegion that faults it in lazily
+      cat FILE|URL [--readahead BYTES|none] [--stats] [--block-size BYTES] [--header 'Name: value']...
+                                         write FILE, or the object at an http(s) URL (range requests), to stdout
+                                         from a LazyRegion that faults it in lazily
+      s3-slice URL --offset N --length N [--block-size BYTES] [--header 'Name: value']...
+                                         a presigned URL as memory: write one slice to stdout, statistics on stderr
+                                         (only the slice's blocks are fetched)
       features                           the features and ioctls this kernel offers
+      bench [--quick] [--only P1,P2,...]  benchmarks P1–P5: the library against the C poll/read/COPY handler of
+                                         userfaultfd(2) in the same run (build with -c release)
       help                               this text
     """
 
@@ -34,16 +40,37 @@ public enum UffdCommand {
                 let (_, statistics) = try await AbcExample(pages: pages).run()
                 print("statistics: \(statistics)")
             case "cat":
-                guard let path = arguments.next() else { throw ToolError("cat needs a FILE\n\n\(usage)") }
+                guard let path = arguments.next() else { throw ToolError("cat needs a FILE or URL\n\n\(usage)") }
                 let readahead = try arguments.readahead()
                 let stats = arguments.flag("--stats")
+                var cat = CatCommand(path: path, readahead: readahead, showStatistics: stats)
+                cat.headers = try arguments.headers()
+                cat.blockSize = try arguments.blockSize()
                 try arguments.finish()
-                try await CatCommand(path: path, readahead: readahead, showStatistics: stats).run()
+                try await cat.run()
+            case "s3-slice":
+                guard let url = arguments.next() else { throw ToolError("s3-slice needs a URL\n\n\(usage)") }
+                let offset = try arguments.integer("--offset", default: 0, range: 0...Int.max)
+                let length = try arguments.integer("--length", default: 4096, range: 1...Int.max)
+                let blockSize = try arguments.blockSize() ?? 1 << 20
+                let headers = try arguments.headers()
+                try arguments.finish()
+                try await S3SliceCommand(url: url, offset: offset, length: length, blockSize: blockSize, headers: headers).run()
             case "features":
                 try arguments.finish()
                 let (features, ioctls) = try UserfaultFD.probeFeatures()
                 print("features: 0x\(String(features.rawValue, radix: 16)) \(features)")
                 print("ioctls:   0x\(String(ioctls.rawValue, radix: 16)) \(ioctls)")
+            case "bench":
+                let quick = arguments.flag("--quick")
+                let only = try arguments.value("--only").map { text in
+                    Set(text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).uppercased() })
+                }
+                try arguments.finish()
+                if let only, let unknown = only.first(where: { id in !BenchCommand.groups.contains(where: { id.hasPrefix($0) }) }) {
+                    throw ToolError("--only takes ids among \(BenchCommand.groups.joined(separator: ",")), not '\(unknown)'")
+                }
+                try await BenchCommand(quick: quick, only: only).run()
             case "help", "--help", "-h":
                 print(usage)
             default:
