@@ -12,6 +12,9 @@ public enum UffdCommand {
       abc [--pages N]                    the seed's pattern example: pages of "abc...z" made by a provider on first touch
       cat FILE [--readahead BYTES|none] [--stats]
                                          write FILE to stdout from a LazyRegion that faults it in lazily
+      serve --socket PATH --memory FILE [--readahead BYTES|none]
+                                         a Firecracker-compatible page server: VMMs connect, send their regions and
+                                         userfaultfd, and their faults are served from FILE (until SIGINT/SIGTERM)
       features                           the features and ioctls this kernel offers
       help                               this text
     """
@@ -39,6 +42,13 @@ public enum UffdCommand {
                 let stats = arguments.flag("--stats")
                 try arguments.finish()
                 try await CatCommand(path: path, readahead: readahead, showStatistics: stats).run()
+            case "serve":
+                guard let socket = try arguments.value("--socket"), let memory = try arguments.value("--memory") else {
+                    throw ToolError("serve needs --socket PATH and --memory FILE\n\n\(usage)")
+                }
+                let readahead = try arguments.readahead()
+                try arguments.finish()
+                try await ServeCommand(socketPath: socket, memoryFilePath: memory, readahead: readahead).run()
             case "features":
                 try arguments.finish()
                 let (features, ioctls) = try UserfaultFD.probeFeatures()
