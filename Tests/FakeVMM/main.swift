@@ -151,6 +151,7 @@ if mode == "exit-with-pending" {
     }
     usleep(1000)
     print("EXITING")
+    fflush(nil)  // _exit skips stdio's buffers: flush them all
     _exit(0)
 }
 
