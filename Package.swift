@@ -50,9 +50,16 @@ let package = Package(
         // Test-only C helpers: forked children and a signal-safe SIGBUS probe (code that must be
         // async-signal-safe, which Swift cannot promise).
         .target(name: "CUserfaultfdTestSupport", path: "Tests/CUserfaultfdTestSupport"),
+        // A stand-in for a Firecracker VMM, run as a child process by the page-server tests.
+        .executableTarget(
+            name: "uffd-fake-vmm",
+            dependencies: ["Userfaultfd"],
+            path: "Tests/FakeVMM",
+            swiftSettings: strictConcurrency
+        ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport"],
+            dependencies: ["Userfaultfd", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "uffd-fake-vmm"],
             swiftSettings: strictConcurrency
         ),
     ]

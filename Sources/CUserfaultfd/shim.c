@@ -1,3 +1,132 @@
-// The shim is header-only (static inline wrappers); this file gives SwiftPM a translation unit to build, and
-// compiles the header's _Static_asserts that check our kernel ABI declarations against the kernel's numbers.
+// Most of the shim is static inline in the header; this file holds what needs the CMSG_* macros, and compiles the
+// header's _Static_asserts that check our kernel ABI declarations against the kernel's numbers.
+#define _GNU_SOURCE
 #include "CUserfaultfd.h"
+
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+
+ssize_t cuffd_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    if (nfds < 0 || nfds > CUFFD_MAX_PASSED_FDS) {
+        errno = EINVAL;
+        return -1;
+    }
+    union {
+        char bytes[CMSG_SPACE(sizeof(int) * CUFFD_MAX_PASSED_FDS)];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof(control));
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (nfds > 0) {
+        msg.msg_control = control.bytes;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&msg);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(header), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t sent;
+    do {
+        sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    return sent;
+}
+
+ssize_t cuffd_recv_with_fds(int sock, void *buf, size_t cap, int *fds, int *nfds, int *flags) {
+    union {
+        char bytes[CMSG_SPACE(sizeof(int) * CUFFD_MAX_PASSED_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = cap };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                          .msg_controllen = sizeof(control.bytes) };
+    *nfds = 0;
+    *flags = 0;
+    ssize_t received;
+    do {
+        received = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (received < 0 && errno == EINTR);
+    if (received < 0) return -1;
+    if (msg.msg_flags & MSG_TRUNC) *flags |= CUFFD_RECV_PAYLOAD_TRUNCATED;
+    if (msg.msg_flags & MSG_CTRUNC) *flags |= CUFFD_RECV_CONTROL_TRUNCATED;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&msg); header != NULL; header = CMSG_NXTHDR(&msg, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const int *data = (const int *)CMSG_DATA(header);
+        for (size_t i = 0; i < count; i++) {
+            if (*nfds < CUFFD_MAX_PASSED_FDS) {
+                fds[(*nfds)++] = data[i];
+            } else {
+                close(data[i]);
+                *flags |= CUFFD_RECV_CONTROL_TRUNCATED;
+            }
+        }
+    }
+    return received;
+}
+
+int cuffd_peer_pid(int sock) {
+    struct ucred credentials;
+    socklen_t length = sizeof(credentials);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &credentials, &length) < 0) return -1;
+    return credentials.pid;
+}
+
+static int cuffd_unix_address(const char *path, struct sockaddr_un *address) {
+    memset(address, 0, sizeof(*address));
+    address->sun_family = AF_UNIX;
+    size_t length = strlen(path);
+    if (length == 0 || length >= sizeof(address->sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(address->sun_path, path, length);
+    return 0;
+}
+
+int cuffd_unix_listen(const char *path, int backlog) {
+    struct sockaddr_un address;
+    if (cuffd_unix_address(path, &address) < 0) return -1;
+    struct stat info;
+    if (lstat(path, &info) == 0 && S_ISSOCK(info.st_mode)) unlink(path);
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (sock < 0) return -1;
+    if (bind(sock, (struct sockaddr *)&address, sizeof(address)) < 0 || listen(sock, backlog) < 0) {
+        int saved = errno;
+        close(sock);
+        errno = saved;
+        return -1;
+    }
+    return sock;
+}
+
+int cuffd_unix_connect(const char *path) {
+    struct sockaddr_un address;
+    if (cuffd_unix_address(path, &address) < 0) return -1;
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) return -1;
+    int result;
+    do {
+        result = connect(sock, (struct sockaddr *)&address, sizeof(address));
+    } while (result < 0 && errno == EINTR);
+    if (result < 0 || cuffd_set_nonblocking(sock) < 0) {
+        int saved = errno;
+        close(sock);
+        errno = saved;
+        return -1;
+    }
+    return sock;
+}
+
+int cuffd_unix_accept(int listener) {
+    int sock;
+    do {
+        sock = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    } while (sock < 0 && errno == EINTR);
+    return sock;
+}

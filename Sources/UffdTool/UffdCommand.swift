@@ -16,6 +16,9 @@ public enum UffdCommand {
       s3-slice URL --offset N --length N [--block-size BYTES] [--header 'Name: value']...
                                          a presigned URL as memory: write one slice to stdout, statistics on stderr
                                          (only the slice's blocks are fetched)
+      serve --socket PATH --memory FILE [--readahead BYTES|none]
+                                         a Firecracker-compatible page server: VMMs connect, send their regions and
+                                         userfaultfd, and their faults are served from FILE (until SIGINT/SIGTERM)
       features                           the features and ioctls this kernel offers
       bench [--quick] [--only P1,P2,...]  benchmarks P1–P5: the library against the C poll/read/COPY handler of
                                          userfaultfd(2) in the same run (build with -c release)
@@ -56,6 +59,13 @@ public enum UffdCommand {
                 let headers = try arguments.headers()
                 try arguments.finish()
                 try await S3SliceCommand(url: url, offset: offset, length: length, blockSize: blockSize, headers: headers).run()
+            case "serve":
+                guard let socket = try arguments.value("--socket"), let memory = try arguments.value("--memory") else {
+                    throw ToolError("serve needs --socket PATH and --memory FILE\n\n\(usage)")
+                }
+                let readahead = try arguments.readahead()
+                try arguments.finish()
+                try await ServeCommand(socketPath: socket, memoryFilePath: memory, readahead: readahead).run()
             case "features":
                 try arguments.finish()
                 let (features, ioctls) = try UserfaultFD.probeFeatures()

@@ -199,4 +199,39 @@ static inline int cuffd_creation_flags(int user_mode_only) {
     return O_CLOEXEC | O_NONBLOCK | (user_mode_only ? CUFFD_USER_MODE_ONLY : 0);
 }
 
+// MARK: - Passing descriptors over Unix sockets (SCM_RIGHTS; the CMSG_* macros are not importable)
+
+#include <sys/types.h>
+
+/// The most descriptors one message may carry in either direction.
+#define CUFFD_MAX_PASSED_FDS 16
+
+/// Flags cuffd_recv_with_fds reports.
+#define CUFFD_RECV_PAYLOAD_TRUNCATED 1
+#define CUFFD_RECV_CONTROL_TRUNCATED 2
+
+/// sendmsg(2) of `len` bytes with `nfds` descriptors (0 to CUFFD_MAX_PASSED_FDS) as SCM_RIGHTS.
+/// Returns the bytes sent or -1 with errno set (EINVAL for too many descriptors).
+ssize_t cuffd_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+/// recvmsg(2) of up to `cap` bytes and up to CUFFD_MAX_PASSED_FDS descriptors (received close-on-exec).
+/// Stores the descriptors in `fds` (room for CUFFD_MAX_PASSED_FDS), their count in `*nfds`, and
+/// CUFFD_RECV_* bits in `*flags`. Returns the bytes received (0 at end of stream) or -1 with errno set.
+ssize_t cuffd_recv_with_fds(int sock, void *buf, size_t cap, int *fds, int *nfds, int *flags);
+
+/// The process id of a connected Unix socket's peer (SO_PEERCRED), or -1 with errno set.
+int cuffd_peer_pid(int sock);
+
+/// A non-blocking, close-on-exec Unix stream socket bound to `path` and listening. A stale socket file at `path` is
+/// removed first (any other kind of file is left alone: bind then fails with EADDRINUSE). -1 with errno on failure
+/// (ENAMETOOLONG for a path that does not fit sockaddr_un).
+int cuffd_unix_listen(const char *path, int backlog);
+
+/// A non-blocking, close-on-exec Unix stream socket connected to `path` (a blocking connect, which for Unix sockets is
+/// immediate), or -1 with errno.
+int cuffd_unix_connect(const char *path);
+
+/// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC, retrying EINTR; -1 with errno (EAGAIN when none is pending).
+int cuffd_unix_accept(int listener);
+
 #endif // CUSERFAULTFD_H

@@ -1,0 +1,308 @@
+import CUserfaultfd
+import Dispatch
+import Glibc
+import Synchronization
+
+/// An error passing messages and descriptors over a Unix socket.
+public struct DescriptorPassingError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What went wrong.
+    public enum Code: Sendable, Hashable {
+        /// A message that should carry a descriptor carried none.
+        case noDescriptor
+        /// A message carried more descriptors than expected (all of them were closed).
+        case tooManyDescriptors(Int)
+        /// The payload did not fit the receive buffer (the rest was discarded by the kernel).
+        case payloadTruncated
+        /// Some descriptors did not fit and were discarded.
+        case descriptorsTruncated
+        /// The peer closed the connection.
+        case connectionClosed
+        /// Nothing arrived in time.
+        case timedOut
+        /// The socket was closed by this side, or the waiting task was cancelled.
+        case cancelled
+        /// A socket path that does not fit a Unix socket address.
+        case pathTooLong
+        /// Any other errno.
+        case system
+    }
+
+    public var code: Code
+    /// The call that failed (`connect`, `sendmsg`, `recvmsg`, ...).
+    public var operation: String
+    public var errno: Int32?
+    public var detail: String
+
+    public init(_ code: Code, operation: String, errno: Int32? = nil, detail: String = "") {
+        self.code = code
+        self.operation = operation
+        self.errno = errno
+        self.detail = detail
+    }
+
+    public var description: String {
+        var text = "\(operation): \(code)"
+        if let errno { text += " (errno \(errno): \(String(cString: strerror(errno))))" }
+        if !detail.isEmpty { text += ": \(detail)" }
+        return text
+    }
+
+    static func system(_ operation: String, path: String? = nil) -> DescriptorPassingError {
+        let error = Glibc.errno
+        return DescriptorPassingError(error == ENAMETOOLONG ? .pathTooLong : .system, operation: operation, errno: error,
+                                      detail: path ?? "")
+    }
+}
+
+/// One message received from a Unix socket: bytes and the descriptors that came with them (owned by the receiver).
+public struct ReceivedMessage: Sendable {
+    /// The bytes.
+    public var payload: [UInt8]
+    /// The descriptors passed with SCM_RIGHTS, installed in this process (close-on-exec).
+    public var descriptors: [Int32]
+    /// True when the peer closed the connection (no bytes, no descriptors).
+    public var isEndOfStream: Bool { payload.isEmpty && descriptors.isEmpty }
+
+    /// Closes every received descriptor.
+    public func closeDescriptors() {
+        for descriptor in descriptors { _ = Glibc.close(descriptor) }
+    }
+}
+
+/// A connected Unix stream socket that can pass descriptors. Non-blocking; waits are asynchronous (Dispatch sources),
+/// so they never hold a thread.
+public final class UnixSocketConnection: Sendable {
+    let lease: DescriptorLease
+    private let waiter: ReadinessWaiter
+    /// The socket's descriptor.
+    public let fileDescriptor: Int32
+
+    /// Connects to the socket at `path`.
+    public static func connect(path: String) throws(DescriptorPassingError) -> UnixSocketConnection {
+        let descriptor = cuffd_unix_connect(path)
+        guard descriptor >= 0 else { throw .system("connect", path: path) }
+        return UnixSocketConnection(descriptor: descriptor)
+    }
+
+    /// Takes ownership of a connected, non-blocking socket.
+    public init(descriptor: Int32) {
+        fileDescriptor = descriptor
+        lease = DescriptorLease(descriptor: descriptor)
+        waiter = ReadinessWaiter(lease: lease, label: "userfaultfd.socket.\(descriptor)")
+    }
+
+    deinit { close() }
+
+    /// Closes the socket; a pending ``receive(maximumPayload:timeout:)`` throws ``DescriptorPassingError/Code/cancelled``.
+    public func close() {
+        waiter.cancel()
+        lease.markClosed()
+    }
+
+    /// The peer's process id (SO_PEERCRED), if the kernel reports it.
+    public var peerProcessID: Int32? {
+        let pid = (try? lease.withDescriptor(.adopt) { cuffd_peer_pid($0) }) ?? -1
+        return pid > 0 ? pid : nil
+    }
+
+    /// Sends `payload` and `descriptors` (at most 16) in one `sendmsg`.
+    public func send(_ payload: [UInt8], descriptors: [Int32] = []) throws(DescriptorPassingError) {
+        guard descriptors.count <= Int(CUFFD_MAX_PASSED_FDS) else {
+            throw DescriptorPassingError(.tooManyDescriptors(descriptors.count), operation: "sendmsg",
+                                         detail: "at most \(CUFFD_MAX_PASSED_FDS) descriptors per message")
+        }
+        guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "sendmsg", detail: "the socket is closed") }
+        defer { lease.release() }
+        var sentTotal = 0
+        var first = true
+        while sentTotal < payload.count || first {
+            let sent = payload.withUnsafeBytes { bytes in
+                descriptors.withUnsafeBufferPointer { fds in
+                    cuffd_send_with_fds(lease.descriptor, bytes.baseAddress.map { $0 + sentTotal }, bytes.count - sentTotal,
+                                        first ? fds.baseAddress : nil, first ? Int32(fds.count) : 0)
+                }
+            }
+            if sent < 0 {
+                if Glibc.errno == EAGAIN {
+                    // The peer's buffer is full: wait briefly (messages here are small).
+                    usleep(1000)
+                    continue
+                }
+                throw .system("sendmsg")
+            }
+            sentTotal += sent
+            first = false
+        }
+    }
+
+    /// Receives one message: waits until the socket is readable (up to `timeout`), then one `recvmsg`.
+    ///
+    /// - Returns: the message; at end of stream, an empty one (``ReceivedMessage/isEndOfStream``).
+    /// - Throws: ``DescriptorPassingError/Code/payloadTruncated`` or ``DescriptorPassingError/Code/descriptorsTruncated``
+    ///   (the descriptors that did arrive are closed), ``DescriptorPassingError/Code/timedOut``,
+    ///   ``DescriptorPassingError/Code/cancelled``.
+    public func receive(maximumPayload: Int = 64 * 1024, timeout: Duration? = nil) async throws(DescriptorPassingError) -> ReceivedMessage {
+        while true {
+            try await waiter.waitUntilReadable(timeout: timeout)
+            guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "recvmsg", detail: "the socket is closed") }
+            defer { lease.release() }
+            var payload = [UInt8](repeating: 0, count: maximumPayload)
+            var fds = [Int32](repeating: -1, count: Int(CUFFD_MAX_PASSED_FDS))
+            var count: Int32 = 0
+            var flags: Int32 = 0
+            let received = payload.withUnsafeMutableBytes { bytes in
+                fds.withUnsafeMutableBufferPointer { cuffd_recv_with_fds(lease.descriptor, bytes.baseAddress, bytes.count, $0.baseAddress, &count, &flags) }
+            }
+            if received < 0 {
+                if Glibc.errno == EAGAIN { continue }
+                throw .system("recvmsg")
+            }
+            let message = ReceivedMessage(payload: Array(payload.prefix(received)), descriptors: Array(fds.prefix(Int(count))))
+            if flags & CUFFD_RECV_PAYLOAD_TRUNCATED != 0 || flags & CUFFD_RECV_CONTROL_TRUNCATED != 0 {
+                message.closeDescriptors()
+                throw DescriptorPassingError(flags & CUFFD_RECV_PAYLOAD_TRUNCATED != 0 ? .payloadTruncated : .descriptorsTruncated,
+                                             operation: "recvmsg", detail: "\(received) bytes, \(count) descriptors kept")
+            }
+            return message
+        }
+    }
+
+    /// Waits until the peer closes the connection, discarding (and closing) whatever else it sends; each unexpected
+    /// message is passed to `unexpected`.
+    public func waitForHangUp(unexpected: @Sendable (ReceivedMessage) -> Void = { _ in }) async {
+        while true {
+            do {
+                let message = try await receive()
+                if message.isEndOfStream { return }
+                message.closeDescriptors()
+                unexpected(message)
+            } catch {
+                if error.code == .cancelled { return }
+                if case .system = error.code { return }
+            }
+        }
+    }
+}
+
+/// A listening Unix stream socket.
+public final class UnixSocketListener: Sendable {
+    let lease: DescriptorLease
+    private let waiter: ReadinessWaiter
+    /// The path it listens on.
+    public let path: String
+
+    /// Binds and listens on `path`, replacing a stale socket file there.
+    public init(path: String, backlog: Int32 = 64) throws(DescriptorPassingError) {
+        let descriptor = cuffd_unix_listen(path, backlog)
+        guard descriptor >= 0 else { throw .system("listen", path: path) }
+        self.path = path
+        lease = DescriptorLease(descriptor: descriptor)
+        waiter = ReadinessWaiter(lease: lease, label: "userfaultfd.listener.\(descriptor)")
+    }
+
+    deinit { close() }
+
+    /// Stops listening and removes the socket file; a pending ``accept()`` throws ``DescriptorPassingError/Code/cancelled``.
+    public func close() {
+        waiter.cancel()
+        if lease.markClosed() { unlink(path) }
+    }
+
+    /// The next connection.
+    public func accept() async throws(DescriptorPassingError) -> UnixSocketConnection {
+        while true {
+            try await waiter.waitUntilReadable(timeout: nil)
+            guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "accept", detail: "the listener is closed") }
+            let descriptor = cuffd_unix_accept(lease.descriptor)
+            let error = Glibc.errno
+            lease.release()
+            if descriptor >= 0 { return UnixSocketConnection(descriptor: descriptor) }
+            if error == EAGAIN || error == ECONNABORTED { continue }
+            throw DescriptorPassingError(.system, operation: "accept", errno: error)
+        }
+    }
+}
+
+/// Waits, asynchronously, until a descriptor is readable: a one-shot Dispatch source per wait, one wait at a time.
+final class ReadinessWaiter: Sendable {
+    private let lease: DescriptorLease
+    private let queue: DispatchQueue
+    private let state = Mutex(State())
+
+    private struct State {
+        var cancelled = false
+        var nextID = 0
+        var pending: Pending?
+    }
+
+    private struct Pending {
+        let id: Int
+        let source: any DispatchSourceRead
+        let done: @Sendable (Result<Void, DescriptorPassingError>) -> Void
+    }
+
+    init(lease: DescriptorLease, label: String) {
+        self.lease = lease
+        self.queue = DispatchQueue(label: label)
+    }
+
+    /// Ends the pending wait with ``DescriptorPassingError/Code/cancelled`` and refuses later ones.
+    func cancel() {
+        state.withLock { $0.cancelled = true }
+        resumePending(id: nil, with: DescriptorPassingError(.cancelled, operation: "wait", detail: "closed"))
+    }
+
+    func waitUntilReadable(timeout: Duration?) async throws(DescriptorPassingError) {
+        let result: Result<Void, DescriptorPassingError> = await withTaskCancellationHandler {
+            await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Void, DescriptorPassingError>, Never>) in
+                start(timeout: timeout) { continuation.resume(returning: $0) }
+            }
+        } onCancel: {
+            self.resumePending(id: nil, with: DescriptorPassingError(.cancelled, operation: "wait", detail: "task cancelled"))
+        }
+        try result.get()
+    }
+
+    private func start(timeout: Duration?, _ done: @escaping @Sendable (Result<Void, DescriptorPassingError>) -> Void) {
+        guard lease.acquire() else {
+            done(.failure(DescriptorPassingError(.cancelled, operation: "wait", detail: "closed")))
+            return
+        }
+        let id = state.withLock { state -> Int? in
+            guard !state.cancelled, state.pending == nil else { return nil }
+            state.nextID += 1
+            let id = state.nextID
+            let source = DispatchSource.makeReadSource(fileDescriptor: lease.descriptor, queue: queue)
+            source.setEventHandler { [weak self] in self?.resumePending(id: id, with: nil) }
+            source.setCancelHandler { [lease] in lease.release() }
+            state.pending = Pending(id: id, source: source, done: done)
+            source.resume()
+            return id
+        }
+        guard let id else {
+            lease.release()
+            done(.failure(DescriptorPassingError(.cancelled, operation: "wait", detail: "closed, or another wait is pending")))
+            return
+        }
+        if Task.isCancelled {
+            resumePending(id: id, with: DescriptorPassingError(.cancelled, operation: "wait", detail: "task cancelled"))
+        }
+        if let timeout {
+            queue.asyncAfter(deadline: .now() + timeout.timeInterval) { [weak self] in
+                self?.resumePending(id: id, with: DescriptorPassingError(.timedOut, operation: "wait", detail: "nothing within \(timeout)"))
+            }
+        }
+    }
+
+    /// Ends the pending wait `id` (or whichever is pending, for nil) with success (`nil`) or an error.
+    private func resumePending(id: Int?, with error: DescriptorPassingError?) {
+        let pending = state.withLock { state -> Pending? in
+            guard let pending = state.pending, id == nil || pending.id == id else { return nil }
+            state.pending = nil
+            return pending
+        }
+        guard let pending else { return }
+        pending.source.cancel()
+        pending.done(error.map { .failure($0) } ?? .success(()))
+    }
+}

@@ -1,0 +1,186 @@
+// uffd-fake-vmm: a stand-in for a Firecracker VMM restoring a snapshot with the "Uffd" memory backend, for tests.
+//
+// It maps anonymous private guest memory (MAP_HUGETLB for 2 MiB pages), creates a userfaultfd with EVENT_REMOVE,
+// registers every region MISSING, connects to the handler's socket and sends ONE message: the JSON region list and the
+// userfaultfd (SCM_RIGHTS). Then it reads every page and compares it with the memory file, and optionally inflates a
+// "balloon" (MADV_DONTNEED, which sends REMOVE) and checks those pages read back as zeros.
+//
+// --mode selects a broken or malicious peer instead: invalid-json, no-fd, not-uffd, two-fds, outside-file, overlap,
+// bad-page-size, garbage-after, exit-with-pending, legacy-fields, page-size-kib.
+//
+// Exit status: 0 success (for rejection modes: the handler closed the connection), 1 content mismatch, 2 usage or
+// setup error, 3 the handler did not react as expected.
+
+import Foundation
+import Glibc
+import Userfaultfd
+
+func fail(_ status: Int32, _ message: String) -> Never {
+    FileHandle.standardError.write(Data("uffd-fake-vmm: \(message)\n".utf8))
+    exit(status)
+}
+
+var options: [String: String] = [:]
+var flags: Set<String> = []
+var arguments = CommandLine.arguments.dropFirst()
+while let argument = arguments.popFirst() {
+    guard argument.hasPrefix("--") else { fail(2, "unexpected argument \(argument)") }
+    if argument == "--balloon" { flags.insert(argument); continue }
+    guard let value = arguments.popFirst() else { fail(2, "\(argument) needs a value") }
+    options[argument] = value
+}
+guard let socketPath = options["--socket"], let memoryPath = options["--memory"] else {
+    fail(2, "usage: uffd-fake-vmm --socket PATH --memory FILE [--regions N] [--region-size BYTES] [--page-size 4096|2097152] [--mode MODE] [--balloon]")
+}
+let regionCount = Int(options["--regions"] ?? "2") ?? 2
+let pageSize = Int(options["--page-size"] ?? "4096") ?? 4096
+let regionSize = Int(options["--region-size"] ?? "\(max(pageSize, 1 << 20))") ?? (1 << 20)
+let mode = options["--mode"] ?? "normal"
+
+guard let memory = FileManager.default.contents(atPath: memoryPath) else { fail(2, "cannot read \(memoryPath)") }
+guard memory.count >= regionCount * regionSize else { fail(2, "memory file smaller than the regions") }
+
+// Guest memory.
+let bases: [UInt] = (0..<regionCount).map { _ in
+    let flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (pageSize > 4096 ? MAP_HUGETLB : 0)
+    let pointer = mmap(nil, regionSize, PROT_READ | PROT_WRITE, flags, -1, 0)
+    guard let pointer, pointer != MAP_FAILED else { fail(2, "mmap of \(regionSize) bytes failed: errno \(errno)") }
+    return UInt(bitPattern: pointer)
+}
+
+let uffd: UserfaultFD
+do {
+    uffd = try UserfaultFD(requiredFeatures: [.eventRemove])
+    for base in bases { try uffd.register(MemoryRange(start: base, length: regionSize), mode: .missing) }
+} catch {
+    fail(2, "userfaultfd setup: \(error)")
+}
+
+// The handshake body, laid out as Firecracker 1.12 does (regions end to end in the file).
+func body(_ transform: (Int, inout [String: Any]) -> Void = { _, _ in }) -> [UInt8] {
+    var list: [[String: Any]] = []
+    for (index, base) in bases.enumerated() {
+        var region: [String: Any] = [
+            "base_host_virt_addr": base, "size": regionSize, "offset": index * regionSize,
+            "page_size": pageSize, "page_size_kib": pageSize,
+        ]
+        transform(index, &region)
+        list.append(region)
+    }
+    return Array(try! JSONSerialization.data(withJSONObject: list))
+}
+
+let connection: UnixSocketConnection
+do {
+    connection = try UnixSocketConnection.connect(path: socketPath)
+} catch {
+    fail(2, "connect: \(error)")
+}
+
+/// For the modes the handler must refuse: it must close the connection (end of stream) within a few seconds.
+func expectRejection() -> Never {
+    let closed = DispatchSemaphore(value: 0)
+    Thread {
+        var buffer = [UInt8](repeating: 0, count: 256)
+        while true {
+            let count = read(connection.fileDescriptor, &buffer, buffer.count)
+            if count == 0 || (count < 0 && errno != EAGAIN && errno != EINTR) { break }
+            if count < 0 { usleep(10_000) }
+        }
+        closed.signal()
+    }.start()
+    if closed.wait(timeout: .now() + 10) == .timedOut { fail(3, "the handler did not close the connection") }
+    print("REJECTED")
+    exit(0)
+}
+
+do {
+    switch mode {
+    case "normal", "garbage-after", "exit-with-pending", "balloon":
+        try uffd.send(over: connection, payload: body())
+    case "legacy-fields":
+        try uffd.send(over: connection, payload: body { _, region in
+            region["page_size"] = nil
+            region["page_size_kib"] = nil
+        })
+    case "page-size-kib":
+        try uffd.send(over: connection, payload: body { _, region in region["page_size"] = nil })
+    case "invalid-json":
+        try uffd.send(over: connection, payload: Array("[{\"base_host_virt_addr\": 1, \"size\": ".utf8))
+        expectRejection()
+    case "no-fd":
+        try connection.send(body())
+        expectRejection()
+    case "not-uffd":
+        var pipeEnds: [Int32] = [0, 0]
+        guard pipe(&pipeEnds) == 0 else { fail(2, "pipe failed") }
+        try connection.send(body(), descriptors: [pipeEnds[0]])
+        expectRejection()
+    case "two-fds":
+        try connection.send(body(), descriptors: [uffd.fileDescriptor, uffd.fileDescriptor])
+        expectRejection()
+    case "outside-file":
+        try uffd.send(over: connection, payload: body { index, region in region["offset"] = memory.count - regionSize / 2 + index })
+        expectRejection()
+    case "overlap":
+        try uffd.send(over: connection, payload: body { _, region in region["base_host_virt_addr"] = bases[0] })
+        expectRejection()
+    case "bad-page-size":
+        try uffd.send(over: connection, payload: body { _, region in
+            region["page_size"] = 12345
+            region["page_size_kib"] = 12345
+        })
+        expectRejection()
+    default:
+        fail(2, "unknown mode \(mode)")
+    }
+} catch {
+    fail(2, "handshake: \(error)")
+}
+
+if mode == "garbage-after" {
+    try? connection.send(Array("\u{0}garbage after the handshake\u{ff}".utf8) + [0xde, 0xad, 0xbe, 0xef])
+}
+
+if mode == "exit-with-pending" {
+    // Fault on a few pages from other threads and exit without waiting: the handler must cope with a vanished VM.
+    for index in 0..<4 {
+        Thread {
+            _ = UnsafePointer<UInt8>(bitPattern: bases[0] + UInt(index * pageSize))!.pointee
+        }.start()
+    }
+    usleep(1000)
+    print("EXITING")
+    fflush(nil)  // _exit skips stdio's buffers: flush them all
+    _exit(0)
+}
+
+// Read every page and compare it with the memory file.
+var mismatches = 0
+var pagesChecked = 0
+memory.withUnsafeBytes { file in
+    for (index, base) in bases.enumerated() {
+        for page in stride(from: 0, to: regionSize, by: pageSize) {
+            let guest = UnsafeRawPointer(bitPattern: base + UInt(page))!
+            if memcmp(guest, file.baseAddress! + index * regionSize + page, pageSize) != 0 { mismatches += 1 }
+            pagesChecked += 1
+        }
+    }
+}
+guard mismatches == 0 else { fail(1, "\(mismatches) of \(pagesChecked) pages differ from the memory file") }
+
+// Balloon: give back the second half of region 0 (REMOVE), then it must read as zeros.
+var zeroPagesChecked = 0
+if flags.contains("--balloon") {
+    let start = bases[0] + UInt(regionSize / 2)
+    guard madvise(UnsafeMutableRawPointer(bitPattern: start), regionSize / 2, MADV_DONTNEED) == 0 else {
+        fail(2, "madvise failed: errno \(errno)")
+    }
+    for page in stride(from: 0, to: regionSize / 2, by: pageSize) {
+        let bytes = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: start + UInt(page))!, count: pageSize)
+        if bytes.contains(where: { $0 != 0 }) { fail(1, "page at offset \(regionSize / 2 + page) is not zero after the balloon") }
+        zeroPagesChecked += 1
+    }
+}
+print("OK pages=\(pagesChecked) zeroPages=\(zeroPagesChecked)")
+exit(0)
