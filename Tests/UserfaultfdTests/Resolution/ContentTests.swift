@@ -69,7 +69,7 @@ extension ResolutionTests {
                     // against the source) and then checksum the whole page it fell in.
                     let workers = (0..<Self.threads).map { worker in
                         OffPoolThread(name: "uffd-res-random-\(worker)") { () -> [String] in
-                            var generator = ResolutionRNG(seed: 0xc0ffee &+ UInt64(worker) &* 7919)
+                            var generator = SplitMix64(seed: 0xc0ffee &+ UInt64(worker) &* 7919)
                             var problems: [String] = []
                             for _ in 0..<Self.accessesPerThread {
                                 let offset = Int(generator.next() % UInt64(length))
@@ -127,18 +127,5 @@ extension ResolutionTests {
                 }
             }
         }
-    }
-}
-
-/// A seeded SplitMix64 generator for the test threads.
-struct ResolutionRNG: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
     }
 }
