@@ -330,11 +330,19 @@ public actor FaultResolver {
         } else {
             limit = max(segment.pages.lowerBound, region.dataPages)..<segment.pages.upperBound
         }
-        let pages = region.cluster(for: index, within: limit, readahead: options.readahead,
-                                   maximumPages: pool.bufferSize / region.pageSize)
+        let sequential = index == region.nextExpectedPage
+        let maximumPages = pool.bufferSize / region.pageSize
+        let pages = region.cluster(for: index, within: limit, readahead: options.readahead, maximumPages: maximumPages)
         let fetch = makeFetch(region: region, segment: segment, pages: pages)
         fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
         start(fetch)
+        // Asynchronous readahead: on a sequential stream, also bring in the next window while the application reads
+        // this one (like the kernel's async readahead), so reading and resolving overlap.
+        if sequential, options.readahead != .none,
+           let ahead = region.window(after: pages.upperBound, within: limit, maximumPages: maximumPages) {
+            region.nextExpectedPage = ahead.upperBound
+            start(makeFetch(region: region, segment: segment, pages: ahead))
+        }
     }
 
     /// A zero page for a fault nobody serves, so that its thread does not hang.

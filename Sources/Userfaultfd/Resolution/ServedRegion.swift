@@ -74,6 +74,16 @@ final class ServedRegion {
         return lower..<upper
     }
 
+    /// The free pages from `page` on, up to the current readahead window (and `limit`, and `maximumPages`): the next
+    /// window of a sequential stream, fetched ahead of its faults. Nil when `page` is not free or past the limit.
+    func window(after page: Int, within limit: Range<Int>, maximumPages: Int) -> Range<Int>? {
+        guard page < limit.upperBound, page >= limit.lowerBound, isFree(page) else { return nil }
+        let target = min(limit.upperBound, page + min(windowPages, maximumPages))
+        var upper = page + 1
+        while upper < target && isFree(upper) { upper += 1 }
+        return page..<upper
+    }
+
     /// Bytes of provider data a read of `pages` should produce (clipped to the end of the data).
     func dataLength(of pages: Range<Int>) -> Int {
         let bytes = pages.count * pageSize
