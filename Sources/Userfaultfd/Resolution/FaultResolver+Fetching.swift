@@ -29,6 +29,8 @@ final class Fetch {
     var reading = false
     /// The pages were removed or unmapped meanwhile: wake instead of installing.
     var invalidated = false
+    /// Started by asynchronous readahead, ahead of any fault.
+    var isReadahead = false
     /// Bytes installed so far, and how (for a resolution the kernel deferred).
     var installed = 0
     var installation = Installation.copy
@@ -72,7 +74,10 @@ extension FaultResolver {
             install(fetch)
             return
         }
-        counters.withLock { $0.providerReads += 1 }
+        counters.withLock { counters in
+            counters.providerReads += 1
+            if fetch.isReadahead { counters.readaheadReads += 1 }
+        }
         guard let buffer = takeBuffer(for: fetch) else { return }
         do {
             if let content = try fetch.region.provider.readImmediately(

@@ -336,12 +336,16 @@ public actor FaultResolver {
         let fetch = makeFetch(region: region, segment: segment, pages: pages)
         fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
         start(fetch)
-        // Asynchronous readahead: on a sequential stream, also bring in the next window while the application reads
-        // this one (like the kernel's async readahead), so reading and resolving overlap.
+        // Asynchronous readahead: once a stream is established (sequential faults grew the window to its maximum),
+        // also bring in the next window while the application reads this one, like the kernel's async readahead, so
+        // reading and resolving overlap. Short or random access never reads ahead of its faults.
         if sequential, options.readahead != .none,
+           region.windowPages >= options.readahead.maximumPages(pageSize: region.pageSize),
            let ahead = region.window(after: pages.upperBound, within: limit, maximumPages: maximumPages) {
             region.nextExpectedPage = ahead.upperBound
-            start(makeFetch(region: region, segment: segment, pages: ahead))
+            let fetch = makeFetch(region: region, segment: segment, pages: ahead)
+            fetch.isReadahead = true
+            start(fetch)
         }
     }
 

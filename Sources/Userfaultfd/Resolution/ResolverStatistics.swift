@@ -12,8 +12,10 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     public var deduplicatedFaults = 0
     /// Faults on pages already present (a re-fault after a signal, or a race): woken without work.
     public var alreadyPresentFaults = 0
-    /// Provider reads started.
+    /// Provider reads started (for faults, readahead and prefetch).
     public var providerReads = 0
+    /// Of those, reads started ahead of any fault by asynchronous readahead.
+    public var readaheadReads = 0
     /// Provider reads that failed (each attempt).
     public var providerErrors = 0
     /// Pages poisoned by the failure policy or cancellation.
@@ -32,7 +34,7 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     public var description: String {
         """
         faults \(faults), pages copied \(pagesCopied), zero pages \(zeroPages), bytes \(bytesCopied), \
-        dedup joins \(deduplicatedFaults), already present \(alreadyPresentFaults), provider reads \(providerReads), \
+        dedup joins \(deduplicatedFaults), already present \(alreadyPresentFaults), provider reads \(providerReads) (readahead \(readaheadReads)), \
         provider errors \(providerErrors), poisoned \(pagesPoisoned), deferred \(deferredRetries), \
         fault-to-wake p50 \(LatencyHistogram.format(latency.percentile(50))) \
         p99 \(LatencyHistogram.format(latency.percentile(99))) max \(LatencyHistogram.format(latency.maximum))
