@@ -57,7 +57,8 @@ public struct S3SliceCommand: Sendable {
         let end = min(size, offset + max(0, length))
         let block = provider.preferredReadSize
         // Readahead up to one block: a cluster never reaches past the block of the fault, so only the slice's blocks come.
-        let options = FaultResolver.Options(readahead: .adaptive(maximum: block))
+        // Only the slice's blocks: no asynchronous readahead past what is touched.
+        let options = FaultResolver.Options(readahead: .adaptive(maximum: block, asynchronous: false))
         let resolver = try await LazyRegion.with(length: size, provider: provider, options: options) { region in
             try await CatCommand.copyOut(region, range: offset..<end, output: output, showProgress: false, command: "s3-slice")
             return region.statistics

@@ -12,11 +12,11 @@ final class Fetch {
         case copy, zeroPage, poison
     }
 
-    let id: Int
-    let region: ServedRegion
-    let pages: Range<Int>
+    private(set) var id: Int
+    private(set) var region: ServedRegion
+    private(set) var pages: Range<Int>
     /// Where `pages.lowerBound` lives; fixed at creation (a REMAP invalidates the fetch).
-    let address: UInt
+    private(set) var address: UInt
     var waiters: [FaultWaiter] = []
     var completions: [CheckedContinuation<Void, any Error>] = []
     var task: Task<Void, Never>?
@@ -42,6 +42,25 @@ final class Fetch {
         self.address = address
     }
 
+    /// Makes a finished fetch new again for another cluster, keeping its arrays' storage (no allocation).
+    func reuse(id: Int, region: ServedRegion, pages: Range<Int>, address: UInt) {
+        self.id = id
+        self.region = region
+        self.pages = pages
+        self.address = address
+        waiters.removeAll(keepingCapacity: true)
+        completions.removeAll(keepingCapacity: true)
+        task = nil
+        buffer = nil
+        attempts = 0
+        generation = 0
+        reading = false
+        invalidated = false
+        isReadahead = false
+        installed = 0
+        installation = .copy
+    }
+
     var length: Int { pages.count * region.pageSize }
     var range: MemoryRange { MemoryRange(start: address, length: length) }
     var providerOffset: Int { region.providerOffset + pages.lowerBound * region.pageSize }
@@ -54,7 +73,15 @@ final class Fetch {
 
 extension FaultResolver {
     func makeFetch(region: ServedRegion, segment: ServedSegment, pages: Range<Int>) -> Fetch {
-        let fetch = Fetch(id: nextFetchID, region: region, pages: pages, address: segment.address(of: pages.lowerBound))
+        // Finished fetches are recycled (ids are never reused, so a late callback for an old id finds nothing).
+        let address = segment.address(of: pages.lowerBound)
+        let fetch: Fetch
+        if let spare = spareFetches.popLast() {
+            spare.reuse(id: nextFetchID, region: region, pages: pages, address: address)
+            fetch = spare
+        } else {
+            fetch = Fetch(id: nextFetchID, region: region, pages: pages, address: address)
+        }
         nextFetchID += 1
         region.inFlight.set(pages, to: true)
         fetches[fetch.id] = fetch
@@ -386,11 +413,12 @@ extension FaultResolver {
             pool.give(buffer)
         }
         fetch.buffer = nil
-        let completions = fetch.completions
-        fetch.completions.removeAll()
-        for completion in completions {
+        for completion in fetch.completions {
             if let error { completion.resume(throwing: error) } else { completion.resume() }
         }
+        fetch.completions.removeAll(keepingCapacity: true)
+        fetch.task = nil
+        if spareFetches.count < Self.spareFetchLimit { spareFetches.append(fetch) }
     }
 }
 

@@ -97,6 +97,9 @@ public actor FaultResolver {
     var isCancelled = false
     var deferredRetryScheduled = false
     let pool: AlignedBufferPool
+    /// Finished fetches kept for reuse, so that resolving a fault allocates nothing in steady state.
+    var spareFetches: [Fetch] = []
+    static let spareFetchLimit = 256
     /// Never-written memory to copy zeros from, for memory without a zero page; made on first use.
     var zeroSource: AnonymousMemory?
 
@@ -182,7 +185,8 @@ public actor FaultResolver {
     /// the provider's ``RegionError`` once the failure policy gave up on a page).
     public func prefetch(_ range: MemoryRange) async throws {
         let wanted = range.expandedToPages(of: pageSize)
-        var awaited: [Fetch] = []
+        // Fetches are recycled when they finish: remember each one's id to know it is still the same fetch.
+        var awaited: [(id: Int, fetch: Fetch)] = []
         for segment in segments {
             guard let part = segment.slice(wanted) else { continue }
             let region = segment.region
@@ -191,8 +195,8 @@ public actor FaultResolver {
             while page < end {
                 if region.present[page] { page += 1; continue }
                 if region.inFlight[page] {
-                    if let fetch = fetch(covering: page, of: region), !awaited.contains(where: { $0 === fetch }) {
-                        awaited.append(fetch)
+                    if let fetch = fetch(covering: page, of: region), !awaited.contains(where: { $0.fetch === fetch }) {
+                        awaited.append((fetch.id, fetch))
                     }
                     page += 1
                     continue
@@ -202,12 +206,12 @@ public actor FaultResolver {
                 while upper < end && upper - page < cap && region.isFree(upper) { upper += 1 }
                 if isCancelled { throw CancellationError() }
                 let fetch = makeFetch(region: region, segment: segment, pages: page..<upper)
-                awaited.append(fetch)
+                awaited.append((fetch.id, fetch))
                 start(fetch)
                 page = upper
             }
         }
-        for fetch in awaited where fetches[fetch.id] === fetch {
+        for (id, fetch) in awaited where fetches[id] === fetch {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
                 fetch.completions.append(continuation)
             }
@@ -339,7 +343,7 @@ public actor FaultResolver {
         // Asynchronous readahead: once a stream is established (sequential faults grew the window to its maximum),
         // also bring in the next window while the application reads this one, like the kernel's async readahead, so
         // reading and resolving overlap. Short or random access never reads ahead of its faults.
-        if sequential, options.readahead != .none,
+        if sequential, options.readahead.readsAhead,
            region.windowPages >= options.readahead.maximumPages(pageSize: region.pageSize),
            let ahead = region.window(after: pages.upperBound, within: limit, maximumPages: maximumPages) {
             region.nextExpectedPage = ahead.upperBound
@@ -399,11 +403,21 @@ private final class ResolverSink: FaultEventSink {
     }
 
     func receive(_ batch: inout [Result<FaultEvent, UserfaultError>]) {
-        let now = monotonicNanoseconds()
-        resolver.assumeIsolated { resolver in
-            resolver.process(batch, readAt: now)
-        }
+        // The reader runs on the event queue, which is the resolver's serial executor: check that for real, then call
+        // the isolated method directly. (`assumeIsolated` would do the same, but allocates its closure context on
+        // every call, that is on every fault.)
+        resolver.executor.checkIsolated()
+        Self.processOnExecutor(resolver, batch, monotonicNanoseconds())
     }
+
+    /// `FaultResolver.process` as a plain function, for callers already on the resolver's executor; built once,
+    /// capturing nothing. The cast is the one `assumeIsolated` performs.
+    private static let processOnExecutor: @Sendable (FaultResolver, [Result<FaultEvent, UserfaultError>], UInt64) -> Void = {
+        let isolated: @Sendable (isolated FaultResolver, [Result<FaultEvent, UserfaultError>], UInt64) -> Void = {
+            resolver, batch, readAt in resolver.process(batch, readAt: readAt)
+        }
+        return unsafeBitCast(isolated, to: (@Sendable (FaultResolver, [Result<FaultEvent, UserfaultError>], UInt64) -> Void).self)
+    }()
 
     func finish(_ error: UserfaultError?) {
         resolver.assumeIsolated { $0.readerFinished(error) }

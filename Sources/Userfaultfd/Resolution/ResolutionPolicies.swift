@@ -34,22 +34,32 @@ public enum ReadaheadPolicy: Sendable, Hashable {
     /// Strictly one page per fault (and no alignment to the provider's preferred read size).
     case none
     /// Adaptive readahead from `initial` to `maximum` bytes.
-    case adaptive(initial: Int = 4096, maximum: Int = 1 << 20)
+    ///
+    /// With `asynchronous`, once sequential faults have grown the window to `maximum`, each fault of the stream also
+    /// fetches the next window ahead of the application, so reading and resolving overlap (the kernel's async
+    /// readahead). Turn it off when no byte beyond what is touched may be read (metered remote reads).
+    case adaptive(initial: Int = 4096, maximum: Int = 1 << 20, asynchronous: Bool = true)
 
-    /// Adaptive, from one page to 1 MiB.
+    /// Whether established streams read a window ahead of their faults.
+    var readsAhead: Bool {
+        if case .adaptive(_, _, let asynchronous) = self { return asynchronous }
+        return false
+    }
+
+    /// Adaptive, from one page to 1 MiB, reading ahead of established streams.
     public static let `default` = ReadaheadPolicy.adaptive()
 
     func initialPages(pageSize: Int) -> Int {
         switch self {
         case .none: 1
-        case .adaptive(let initial, _): max(1, initial / pageSize)
+        case .adaptive(let initial, _, _): max(1, initial / pageSize)
         }
     }
 
     func maximumPages(pageSize: Int) -> Int {
         switch self {
         case .none: 1
-        case .adaptive(let initial, let maximum): max(1, max(initial, maximum) / pageSize)
+        case .adaptive(let initial, let maximum, _): max(1, max(initial, maximum) / pageSize)
         }
     }
 }
