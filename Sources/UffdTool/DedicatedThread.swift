@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// Runs blocking work on a new thread of its own, never on Swift's cooperative pool.
 ///
@@ -18,34 +19,35 @@ enum DedicatedThread {
 }
 
 /// A one-shot value handed from a thread to a task.
-final class ResultBox<T: Sendable>: @unchecked Sendable {
-    // @unchecked: all state is guarded by `lock`.
-    private let lock = NSLock()
-    private var result: T?
-    private var waiter: CheckedContinuation<T, Never>?
+final class ResultBox<T: Sendable>: Sendable {
+    private enum State {
+        case empty
+        case waiting(CheckedContinuation<T, Never>)
+        case ready(T)
+    }
+
+    private let state = Mutex(State.empty)
 
     func set(_ value: T) {
-        lock.lock()
-        if let waiter {
-            self.waiter = nil
-            lock.unlock()
-            waiter.resume(returning: value)
-        } else {
-            result = value
-            lock.unlock()
+        let waiter = state.withLock { state -> CheckedContinuation<T, Never>? in
+            if case .waiting(let continuation) = state {
+                state = .empty
+                return continuation
+            }
+            state = .ready(value)
+            return nil
         }
+        waiter?.resume(returning: value)
     }
 
     func value() async -> T {
         await withCheckedContinuation { continuation in
-            lock.lock()
-            if let result {
-                lock.unlock()
-                continuation.resume(returning: result)
-            } else {
-                waiter = continuation
-                lock.unlock()
+            let ready = state.withLock { state -> T? in
+                if case .ready(let value) = state { return value }
+                state = .waiting(continuation)
+                return nil
             }
+            if let ready { continuation.resume(returning: ready) }
         }
     }
 }

@@ -45,7 +45,7 @@ public struct ManPageDemo: Sendable {
         let length = pages * pageSize
         let uffd = try UserfaultFD()
         defer { uffd.close() }
-        let region = try AnonymousMapping(length: length)
+        let region = try AnonymousMemory(length: length)
         let base = region.address
         try uffd.register(MemoryRange(start: base, length: length), mode: .missing)
         log("Address returned by mmap() = 0x\(String(base, radix: 16))")
@@ -68,7 +68,7 @@ public struct ManPageDemo: Sendable {
         }
 
         // The event loop: one page per fault, filled with the next letter.
-        let page = try AnonymousMapping(length: pageSize)
+        let page = try AnonymousMemory(length: pageSize)
         var faultOffsets: [Int] = []
         var served: [UInt8] = []
         try await withTaskExecutorPreference(uffd.eventExecutor) {
