@@ -21,6 +21,8 @@ protocol FaultEventSink: AnyObject, Sendable {
 final class EventReader: Sendable {
     /// Messages read per `read(2)` at most.
     static let batchCapacity = 64
+    /// The longest one handler invocation keeps polling (see `attach(_:pollingWindow:)`).
+    static let pollingBudgetNanoseconds: UInt64 = 1_000_000
 
     let executor: QueueExecutor
     private let lease: DescriptorLease
@@ -112,6 +114,9 @@ final class EventReader: Sendable {
         guard let (sink, window) = state.withLock({ state in state.sink.map { ($0, state.pollingWindowNanoseconds) } }) else { return }
         buffers.withValue { buffers in
             var pollUntil: UInt64 = 0
+            // Polling never holds the queue for more than this: provider completions, retries and timers queue behind
+            // the reader on the same serial queue, and must not starve while other threads keep faulting.
+            let pollBudgetEnd = window > 0 ? monotonicNanoseconds() &+ Self.pollingBudgetNanoseconds : 0
             while true {
                 let count = Glibc.read(lease.descriptor, buffers.bytes.baseAddress, buffers.bytes.count)
                 if count < 0 {
@@ -140,7 +145,9 @@ final class EventReader: Sendable {
                 // A short read means the queue is empty; the source fires again when more arrive, unless polling.
                 if messages < Self.batchCapacity {
                     guard window > 0 else { return }
-                    pollUntil = monotonicNanoseconds() &+ window
+                    let now = monotonicNanoseconds()
+                    guard now < pollBudgetEnd else { return }
+                    pollUntil = min(now &+ window, pollBudgetEnd)
                 }
             }
         }
