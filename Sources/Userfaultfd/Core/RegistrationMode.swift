@@ -27,15 +27,25 @@ public struct UserfaultIoctls: OptionSet, Sendable, Hashable, CustomStringConver
     public let rawValue: UInt64
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
+    /// `UFFDIO_REGISTER`.
     public static let register = UserfaultIoctls(rawValue: 1 << 0x00)
+    /// `UFFDIO_UNREGISTER`.
     public static let unregister = UserfaultIoctls(rawValue: 1 << 0x01)
+    /// `UFFDIO_WAKE`.
     public static let wake = UserfaultIoctls(rawValue: 1 << 0x02)
+    /// `UFFDIO_COPY`.
     public static let copy = UserfaultIoctls(rawValue: 1 << 0x03)
+    /// `UFFDIO_ZEROPAGE`.
     public static let zeroPage = UserfaultIoctls(rawValue: 1 << 0x04)
+    /// `UFFDIO_MOVE`.
     public static let move = UserfaultIoctls(rawValue: 1 << 0x05)
+    /// `UFFDIO_WRITEPROTECT`.
     public static let writeProtect = UserfaultIoctls(rawValue: 1 << 0x06)
+    /// `UFFDIO_CONTINUE`.
     public static let `continue` = UserfaultIoctls(rawValue: 1 << 0x07)
+    /// `UFFDIO_POISON`.
     public static let poison = UserfaultIoctls(rawValue: 1 << 0x08)
+    /// `UFFDIO_API`.
     public static let api = UserfaultIoctls(rawValue: 1 << 0x3F)
 
     static let known: [(UserfaultIoctls, String)] = [

@@ -27,12 +27,16 @@ public struct DescriptorPassingError: Error, Sendable, Hashable, CustomStringCon
         case system
     }
 
+    /// What went wrong.
     public var code: Code
     /// The call that failed (`connect`, `sendmsg`, `recvmsg`, ...).
     public var operation: String
+    /// The errno, when a system call failed.
     public var errno: Int32?
+    /// More words for the reader.
     public var detail: String
 
+    /// An error with its code, the call that failed, the errno and a detail.
     public init(_ code: Code, operation: String, errno: Int32? = nil, detail: String = "") {
         self.code = code
         self.operation = operation

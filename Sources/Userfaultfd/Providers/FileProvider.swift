@@ -8,6 +8,7 @@ public final class FileProvider: PageProvider {
     private let queue: DispatchQueue
     /// Bytes in the file when it was opened.
     public let size: Int?
+    /// The read size the resolver aligns to (0: none).
     public let preferredReadSize: Int
 
     /// The path the provider reads.
@@ -65,8 +66,11 @@ public final class FileProvider: PageProvider {
 
 /// A file could not be opened or read.
 public struct FileProviderError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The file.
     public let path: String
+    /// The errno of the failed call.
     public let errno: Int32
+    /// The call that failed (`open`, `fstat`, `pread`).
     public let operation: String
 
     public var description: String {

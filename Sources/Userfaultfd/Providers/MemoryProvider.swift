@@ -57,7 +57,9 @@ public struct ClosureProvider: PageProvider {
 
     private let fill: Fill
     private let synchronousFill: (@Sendable (PageBuffer, Int) throws -> PageContent)?
+    /// Bytes of data (nil: unbounded).
     public let size: Int?
+    /// The read size the resolver aligns to (0: none).
     public let preferredReadSize: Int
 
     /// A provider whose reads run `fill` asynchronously.

@@ -53,6 +53,7 @@ public actor FaultResolver {
         /// halving a one-page round trip; the price is up to this much CPU after each batch. Zero turns it off.
         public var pollingWindow: Duration
 
+        /// Options; every one has a default suited to a local provider.
         public init(
             maxConcurrentReads: Int = 64,
             readahead: ReadaheadPolicy = .default,

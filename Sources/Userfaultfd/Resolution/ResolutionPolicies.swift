@@ -101,6 +101,7 @@ public struct RegionError: Error, Sendable, CustomStringConvertible {
 
 /// A provider read took longer than the resolver's timeout.
 public struct ProviderTimeoutError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The timeout that passed.
     public var timeout: Duration
     public var description: String { "the provider did not answer within \(timeout)" }
 }

@@ -29,6 +29,7 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     /// Fault-to-wake latency: from reading the fault message to the ioctl that woke the thread.
     public var latency = LatencyHistogram()
 
+    /// All counters at zero.
     public init() {}
 
     public var description: String {
@@ -51,6 +52,7 @@ public struct LatencyHistogram: Sendable, Hashable {
     /// The largest sample, in nanoseconds.
     public private(set) var maximum: UInt64 = 0
 
+    /// An empty histogram.
     public init() {}
 
     /// Records one duration in nanoseconds.

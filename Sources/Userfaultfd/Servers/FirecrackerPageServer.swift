@@ -27,6 +27,7 @@ public final class FirecrackerPageServer: Sendable {
         /// Where log lines go.
         public var log: @Sendable (String) -> Void
 
+        /// A configuration; only the socket and the memory file are required.
         public init(
             socketPath: String,
             memoryFilePath: String,
@@ -56,6 +57,7 @@ public final class FirecrackerPageServer: Sendable {
         public var isConnected: Bool
     }
 
+    /// How this server runs.
     public let configuration: Configuration
     private let listener: UnixSocketListener
     private let provider: MappedFileProvider

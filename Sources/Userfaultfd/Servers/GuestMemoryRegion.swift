@@ -15,6 +15,7 @@ public struct GuestMemoryRegion: Sendable, Hashable, CustomStringConvertible {
     /// The region's page size: 4096, or 2097152 for huge pages.
     public var pageSize: Int
 
+    /// A region of `size` bytes at `baseHostVirtualAddress`, whose bytes start at `offset` in the memory file.
     public init(baseHostVirtualAddress: UInt, size: Int, offset: Int, pageSize: Int = 4096) {
         self.baseHostVirtualAddress = baseHostVirtualAddress
         self.size = size
