@@ -102,7 +102,7 @@ public actor DirtyTracker {
         let required: UserfaultFeatures = engine == .asyncScan ? [.wpAsync] : [.pagefaultFlagWP]
         let uffd = try UserfaultFD(requiredFeatures: required, optionalFeatures: engine.features.intersection(offered))
         do {
-            try self.init(range: range, uffd: uffd, pid: nil, engine: engine, registering: true, owning: true)
+            try self.init(range: range, uffd: uffd, pid: nil, engine: engine, registering: true, owning: true, readingEvents: true)
         } catch {
             uffd.close()
             throw error
@@ -119,10 +119,11 @@ public actor DirtyTracker {
     /// The tracker reads `uffd`'s events itself with the fault engine, so they cannot be iterated elsewhere.
     public init(range: MemoryRange, uffd: UserfaultFD, pid: pid_t?, engine: Engine? = nil, registering: Bool = true) throws(UserfaultError) {
         try self.init(range: range, uffd: uffd, pid: pid, engine: engine ?? Engine.best(for: uffd.enabledFeatures),
-                      registering: registering, owning: false)
+                      registering: registering, owning: false, readingEvents: true)
     }
 
-    private init(range: MemoryRange, uffd: UserfaultFD, pid: pid_t?, engine: Engine, registering: Bool, owning: Bool) throws(UserfaultError) {
+    private init(range: MemoryRange, uffd: UserfaultFD, pid: pid_t?, engine: Engine, registering: Bool, owning: Bool,
+                 readingEvents: Bool) throws(UserfaultError) {
         guard range.length > 0, range.isAligned(to: uffd.pageSize) else {
             throw UserfaultError(.invalidArgument, operation: .register, range: range, detail: "a tracked range must be page-aligned and not empty")
         }
@@ -136,7 +137,7 @@ public actor DirtyTracker {
         if registering {
             try uffd.register(range, mode: .writeProtect)
         }
-        if engine == .writeProtectFaults {
+        if engine == .writeProtectFaults && readingEvents {
             try uffd.reader.attach(TrackerSink(tracker: self))
         }
     }
@@ -150,7 +151,8 @@ public actor DirtyTracker {
             throw UserfaultError(.invalidArgument, operation: .register, range: region.range,
                                  detail: "the LazyRegion was created without tracking (pass tracking: to its initializer)")
         }
-        try self.init(range: region.range, uffd: region.uffd, pid: nil, engine: engine, registering: false, owning: false)
+        try self.init(range: region.range, uffd: region.uffd, pid: nil, engine: engine, registering: false, owning: false,
+                      readingEvents: false)
         if engine == .writeProtectFaults {
             await region.resolver.setWriteProtectFaultHandler { [weak self] fault in
                 self?.assumeIsolated { $0.record(fault) }
