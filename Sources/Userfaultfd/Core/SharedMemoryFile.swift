@@ -5,7 +5,7 @@ import Synchronization
 /// A shared-memory file (`memfd_create(2)`) with a private view of its own: the bytes other mappings of the file show,
 /// filled without a page fault in any of them.
 ///
-/// ``SharedLazyRegion`` keeps its pages here: a fault is resolved by writing the page into the file's page cache through
+/// A ``LazyRegion`` with ``LazyRegion/Backing/sharedMemory`` keeps its pages here: a fault is resolved by writing the page into the file's page cache through
 /// the unregistered view, then mapping that very page into the faulting mapping with `UFFDIO_CONTINUE`. Any other
 /// mapping of ``fileDescriptor`` — in this process, another process, a VMM — sees the same page.
 public final class SharedMemoryFile: @unchecked Sendable {

@@ -375,7 +375,7 @@ extension FaultResolver {
 
     /// Zero-fills missing pages: with the shared zero page, or by copying zeros where the memory has none (hugetlbfs)
     /// or where pages must be installed write-protected (``Options/installWriteProtected``); in a shared file's page cache
-    /// for a ``SharedLazyRegion``.
+    /// for a shared-memory ``LazyRegion``.
     @discardableResult
     func fillWithZeros(_ range: MemoryRange, of region: ServedRegion?) throws(UserfaultError) -> Int {
         if let region, let file = region.sharedFile, let segment = segments.first(where: { $0.range.contains(range.start) }) {

@@ -141,6 +141,13 @@ public final class LazyRegion: Sendable {
     }
 
     deinit {
+        releaseMemory()
+    }
+
+    /// Unregisters what is still mapped (so unmapping it raises no UNMAP event that nobody would read: the unmapping
+    /// thread would sleep until the userfaultfd is closed), closes the userfaultfd, then unmaps.
+    private func releaseMemory() {
+        for piece in mapping.current { try? uffd.unregister(piece.range) }
         uffd.close()
         mapping.unmapAll()
     }
@@ -149,8 +156,7 @@ public final class LazyRegion: Sendable {
     /// and unmaps the memory (where it is now, after any `mremap`). No thread may use the region afterwards.
     public func close() async {
         await resolver.cancel()
-        uffd.close()
-        mapping.unmapAll()
+        releaseMemory()
     }
 
     /// The first byte: where the region's first page is now. It follows `mremap(2)` of the region once the resolver

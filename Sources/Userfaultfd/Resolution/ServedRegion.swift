@@ -23,7 +23,7 @@ final class ServedRegion {
     let zeroByCopy: Bool
     /// Read alignment, in pages, from the provider's preferred read size.
     let alignmentPages: Int
-    /// For a ``SharedLazyRegion``: the file whose page cache holds the pages (installed by writing it, then
+    /// For a shared-memory ``LazyRegion``: the file whose page cache holds the pages (installed by writing it, then
     /// `UFFDIO_CONTINUE`), page `i` of the region being page `i` of the file.
     let sharedFile: SharedMemoryFile?
 

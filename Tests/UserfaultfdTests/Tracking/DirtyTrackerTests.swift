@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Synchronization
 import Testing
+import UffdTool
 import Userfaultfd
 
 /// What the racing writer and the collecting test share.
@@ -200,5 +201,18 @@ struct DirtyTrackerTests {
                 #expect(Self.pages(try await tracker.collect(), from: base).isEmpty)
             }
         }
+    }
+}
+
+/// `uffd track` checks each round against what it wrote.
+@Suite("uffd track")
+struct TrackCommandTests {
+    @Test(.timeLimit(.minutes(1)), arguments: DirtyTrackerTests.engines)
+    func everyRoundMatches(engine: DirtyTracker.Engine) async throws {
+        let lines = Mutex<[String]>([])
+        let matched = try await TrackCommand(pages: 48, rounds: 3, engine: engine, seed: 7).run { line in lines.withLock { $0.append(line) } }
+        #expect(matched)
+        let output = lines.withLock { $0 }
+        #expect(output.filter { $0.hasPrefix("round ") && $0.hasSuffix(" ok") }.count == 3, "\(output)")
     }
 }
