@@ -19,6 +19,9 @@ public enum UffdCommand {
       serve --socket PATH --memory FILE [--readahead BYTES|none]
                                          a Firecracker-compatible page server: VMMs connect, send their regions and
                                          userfaultfd, and their faults are served from FILE (until SIGINT/SIGTERM)
+      track [--pages N] [--rounds N] [--engine faults|scan] [--seed N]
+                                         dirty tracking: writes at random into a region each round and prints the
+                                         dirty page ranges a DirtyTracker reports, checked against what was written
       features                           the features and ioctls this kernel offers
       bench [--quick] [--only P1,P2,...]  benchmarks P1–P5: the library against the C poll/read/COPY handler of
                                          userfaultfd(2) in the same run (build with -c release)
@@ -66,6 +69,19 @@ public enum UffdCommand {
                 let readahead = try arguments.readahead()
                 try arguments.finish()
                 try await ServeCommand(socketPath: socket, memoryFilePath: memory, readahead: readahead).run()
+            case "track":
+                let pages = try arguments.integer("--pages", default: 64, range: 1...1_000_000)
+                let rounds = try arguments.integer("--rounds", default: 4, range: 1...10_000)
+                let seed = try arguments.integer("--seed", default: 1, range: 0...Int.max)
+                let engine: DirtyTracker.Engine?
+                switch try arguments.value("--engine") {
+                case nil: engine = nil
+                case "faults": engine = .writeProtectFaults
+                case "scan": engine = .asyncScan
+                case let other?: throw ToolError("--engine takes faults or scan, not '\(other)'")
+                }
+                try arguments.finish()
+                guard try await TrackCommand(pages: pages, rounds: rounds, engine: engine, seed: UInt64(seed)).run() else { return 2 }
             case "features":
                 try arguments.finish()
                 let (features, ioctls) = try UserfaultFD.probeFeatures()

@@ -234,4 +234,59 @@ int cuffd_unix_connect(const char *path);
 /// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC, retrying EINTR; -1 with errno (EAGAIN when none is pending).
 int cuffd_unix_accept(int listener);
 
+// MARK: - PAGEMAP_SCAN (fs/proc/task_mmu.c, include/uapi/linux/fs.h, 6.7+): dirty tracking with WP_ASYNC
+
+/// page_region / pm_scan_arg categories.
+#define CUFFD_PAGE_IS_WPALLOWED (1ULL << 0)
+#define CUFFD_PAGE_IS_WRITTEN (1ULL << 1)
+#define CUFFD_PAGE_IS_FILE (1ULL << 2)
+#define CUFFD_PAGE_IS_PRESENT (1ULL << 3)
+/// pm_scan_arg.flags: write-protect the pages that match (re-arms WP_ASYNC tracking in the same walk).
+#define CUFFD_PM_SCAN_WP_MATCHING (1ULL << 0)
+/// pm_scan_arg.flags: fail with EPERM unless the whole range is registered with WP_ASYNC.
+#define CUFFD_PM_SCAN_CHECK_WPASYNC (1ULL << 1)
+
+struct cuffd_page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+struct cuffd_pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+
+_Static_assert(sizeof(struct cuffd_page_region) == 24, "page_region is 24 bytes");
+_Static_assert(sizeof(struct cuffd_pm_scan_arg) == 96, "pm_scan_arg is 96 bytes");
+
+#define CUFFD_PAGEMAP_SCAN _IOWR('f', 16, struct cuffd_pm_scan_arg)
+_Static_assert(CUFFD_PAGEMAP_SCAN == 0xC0606610, "PAGEMAP_SCAN");
+
+/// ioctl(pagemap_fd, PAGEMAP_SCAN, arg): the number of page_region entries filled, or -1 with errno set.
+static inline int cuffd_ioctl_pagemap_scan(int fd, struct cuffd_pm_scan_arg *arg) { return ioctl(fd, CUFFD_PAGEMAP_SCAN, arg); }
+
+/// open(path, O_RDONLY | O_CLOEXEC) without the variadic call.
+static inline int cuffd_open_rdonly(const char *path) { return open(path, O_RDONLY | O_CLOEXEC); }
+
+/// memfd_create(name, MFD_CLOEXEC) as a raw system call. Returns the descriptor or -1 with errno set.
+static inline int cuffd_memfd_create(const char *name) {
+#ifdef SYS_memfd_create
+    return (int)syscall(SYS_memfd_create, name, 0x0001U /* MFD_CLOEXEC */);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
 #endif // CUSERFAULTFD_H

@@ -109,6 +109,14 @@ final class EventReader: Sendable {
         source?.cancel()
     }
 
+    /// Reads every message queued right now and hands it to the sink, synchronously. Must run on the reader's queue
+    /// (e.g. inside an actor whose executor is ``UserfaultFD/eventExecutor``): a dirty tracker uses it so that every
+    /// fault raised before a collection is handled before it.
+    func drainPending() {
+        dispatchPrecondition(condition: .onQueue(queue))
+        drain()
+    }
+
     /// Reads until the descriptor is empty, handing each batch to the sink. Runs on the queue.
     private func drain() {
         guard let (sink, window) = state.withLock({ state in state.sink.map { ($0, state.pollingWindowNanoseconds) } }) else { return }

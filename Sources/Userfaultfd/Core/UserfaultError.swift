@@ -46,6 +46,10 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
     public enum Operation: String, Sendable, Hashable {
         case create, handshake, adopt, register, unregister, wake, copy, zeroPage, writeProtect
         case `continue`, poison, move, readEvents, iterate
+        /// `PAGEMAP_SCAN` on `/proc/PID/pagemap` (dirty tracking), or opening that file.
+        case scanPagemap
+        /// Creating, sizing or mapping shared memory (memfd).
+        case mapSharedMemory
     }
 
     /// Why it failed.

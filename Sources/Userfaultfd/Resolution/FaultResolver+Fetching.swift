@@ -283,9 +283,18 @@ extension FaultResolver {
             do throws(UserfaultError) {
                 switch fetch.installation {
                 case .copy:
-                    try uffd.copy(from: fetch.buffer!.pointer + offset, to: destination, length: remaining)
+                    if let file = fetch.region.sharedFile {
+                        try installShared(file, from: fetch.buffer!.pointer + offset, fetch: fetch, offset: offset)
+                    } else {
+                        try uffd.copy(from: fetch.buffer!.pointer + offset, to: destination, length: remaining,
+                                      mode: options.installWriteProtected ? .writeProtect : [])
+                    }
                 case .zeroPage:
-                    try fillWithZeros(MemoryRange(start: destination, length: remaining), of: fetch.region)
+                    if let file = fetch.region.sharedFile {
+                        try installShared(file, from: nil, fetch: fetch, offset: offset)
+                    } else {
+                        try fillWithZeros(MemoryRange(start: destination, length: remaining), of: fetch.region)
+                    }
                 case .poison:
                     try uffd.poison(MemoryRange(start: destination, length: remaining))
                 }
@@ -396,12 +405,28 @@ extension FaultResolver {
         }
     }
 
-    /// Zero-fills missing pages: with the shared zero page, or by copying zeros where the memory has none (hugetlbfs).
+    /// Zero-fills missing pages: with the shared zero page, or by copying zeros where the memory has none (hugetlbfs)
+    /// or where pages must be installed write-protected (``Options/installWriteProtected``); in a shared file's page cache
+    /// for a shared-memory ``LazyRegion``.
     @discardableResult
     func fillWithZeros(_ range: MemoryRange, of region: ServedRegion?) throws(UserfaultError) -> Int {
+        if let region, let file = region.sharedFile, let segment = segments.first(where: { $0.range.contains(range.start) }) {
+            file.fill(offset: segment.page(at: range.start) * region.pageSize, count: range.length, from: nil)
+            return try uffd.continue(range)
+        }
         guard let region, region.zeroByCopy else { return try uffd.zeroPage(range) }
         if zeroSource == nil { zeroSource = try AnonymousMemory(length: pool.bufferSize) }
-        return try uffd.copy(from: zeroSource!.pointer, to: range.start, length: range.length)
+        return try uffd.copy(from: zeroSource!.pointer, to: range.start, length: range.length,
+                             mode: options.installWriteProtected ? .writeProtect : [])
+    }
+
+    /// MINOR installation: the fetched bytes go into the shared file's page cache through its unregistered view (pages
+    /// already there are kept), then `UFFDIO_CONTINUE` maps them into the faulting mapping — no second copy.
+    private func installShared(_ file: SharedMemoryFile, from source: UnsafeRawPointer?, fetch: Fetch, offset: Int) throws(UserfaultError) {
+        let length = fetch.length - offset
+        let fileOffset = fetch.pages.lowerBound * fetch.region.pageSize + offset
+        file.fill(offset: fileOffset, count: length, from: source)
+        try uffd.continue(MemoryRange(start: fetch.address + UInt(offset), length: length))
     }
 
     /// Ends a fetch: clears its in-flight pages, returns its buffer, resumes prefetches waiting on it.

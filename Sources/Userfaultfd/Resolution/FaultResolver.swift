@@ -52,6 +52,14 @@ public actor FaultResolver {
         /// waits on its Dispatch source again. A fault arriving within the window skips the source's wake-ups, about
         /// halving a one-page round trip; the price is up to this much CPU after each batch. Zero turns it off.
         public var pollingWindow: Duration
+        /// Install pages write-protected (`UFFDIO_COPY_MODE_WP`; zeros by copy too), for memory registered
+        /// ``RegistrationMode/missing`` and ``RegistrationMode/writeProtect`` whose writes a ``DirtyTracker`` counts:
+        /// a page faulted in is then clean until written.
+        public var installWriteProtected: Bool
+        /// Serve forked children too (needs ``UserfaultFeatures/eventFork``): on a FORK event the child's userfaultfd gets
+        /// a resolver of its own with the same providers and layout, so the child's faults get the same data; the
+        /// parent is unaffected. Such children are not offered on ``FaultResolver/forkedChildren``.
+        public var serveForkedChildren: Bool
 
         /// Options; every one has a default suited to a local provider.
         public init(
@@ -62,7 +70,9 @@ public actor FaultResolver {
             cancellation: CancellationResolution = .zeroFill,
             providerExecutor: (any TaskExecutor)? = nil,
             afterRemove: RemovedPagePolicy = .refetch,
-            pollingWindow: Duration = .microseconds(50)
+            pollingWindow: Duration = .microseconds(50),
+            installWriteProtected: Bool = false,
+            serveForkedChildren: Bool = false
         ) {
             precondition(maxConcurrentReads > 0, "maxConcurrentReads must be positive")
             self.maxConcurrentReads = maxConcurrentReads
@@ -73,6 +83,8 @@ public actor FaultResolver {
             self.providerExecutor = providerExecutor
             self.afterRemove = afterRemove
             self.pollingWindow = pollingWindow
+            self.installWriteProtected = installWriteProtected
+            self.serveForkedChildren = serveForkedChildren
         }
     }
 
@@ -103,6 +115,12 @@ public actor FaultResolver {
     static let spareFetchLimit = 256
     /// Never-written memory to copy zeros from, for memory without a zero page; made on first use.
     var zeroSource: AnonymousMemory?
+    /// Who handles write-protect faults instead of the default (lifting the protection): a ``DirtyTracker``.
+    var writeProtectHandler: (@Sendable (PageFault) -> Void)?
+    /// The mapping of the region that owns the memory (``LazyRegion``), told about REMAP and UNMAP.
+    var ownedMapping: RegionMapping?
+    /// Resolvers of forked children served under ``Options/serveForkedChildren``; closed with this one.
+    var childResolvers: [FaultResolver] = []
 
     /// A resolver for `uffd`'s faults.
     public init(uffd: UserfaultFD, options: Options = Options()) {
@@ -122,6 +140,17 @@ public actor FaultResolver {
     public func serve(
         _ range: MemoryRange, provider: any PageProvider, providerOffset: Int = 0, pageSize regionPageSize: Int? = nil
     ) throws(UserfaultError) {
+        try serve(range, provider: provider, providerOffset: providerOffset, pageSize: regionPageSize, sharedFile: nil)
+    }
+
+    /// Serves `range` as ``serve(_:provider:providerOffset:pageSize:)`` does; with a `sharedFile`, the range is a
+    /// mapping of that file registered ``RegistrationMode/missing`` and ``RegistrationMode/minor``, and pages are installed
+    /// by writing them into the file's page cache and mapping them with `UFFDIO_CONTINUE` (page `i` of the range is
+    /// page `i` of the file).
+    func serve(
+        _ range: MemoryRange, provider: any PageProvider, providerOffset: Int, pageSize regionPageSize: Int?,
+        sharedFile: SharedMemoryFile?
+    ) throws(UserfaultError) {
         let regionPageSize = regionPageSize ?? pageSize
         guard regionPageSize >= pageSize, regionPageSize & (regionPageSize - 1) == 0, regionPageSize <= pool.bufferSize else {
             throw UserfaultError(.invalidArgument, operation: .register, range: range,
@@ -136,7 +165,8 @@ public actor FaultResolver {
                                  detail: "overlaps a range this resolver already serves (\(clash.range))")
         }
         let region = try ServedRegion(id: nextRegionID, length: range.length, provider: provider,
-                                      providerOffset: providerOffset, pageSize: regionPageSize, readahead: options.readahead)
+                                      providerOffset: providerOffset, pageSize: regionPageSize, readahead: options.readahead,
+                                      sharedFile: sharedFile, zeroByCopy: options.installWriteProtected)
         nextRegionID += 1
         segments.append(ServedSegment(range: range, region: region, firstPage: 0))
     }
@@ -153,6 +183,22 @@ public actor FaultResolver {
     public func handle(_ event: FaultEvent) throws(UserfaultError) {
         guard !uffd.isClosed else { throw UserfaultError(.closed, operation: .iterate, detail: "the resolver's userfaultfd is closed") }
         process(CollectionOfOne(.success(event)), readAt: monotonicNanoseconds())
+    }
+
+    /// Hands write-protect faults to `handler` instead of lifting the protection (the default), or restores the default
+    /// with `nil`.
+    ///
+    /// The handler runs on the resolver's executor (the userfaultfd's event queue), synchronously, for every
+    /// write-protect fault in the batch (after the batch's non-fault events). It must resolve the fault promptly —
+    /// record it, un-protect the page, wake the writer — and never wait on anything: the writer is blocked until then.
+    /// ``DirtyTracker/init(region:)`` installs one.
+    public func setWriteProtectFaultHandler(_ handler: (@Sendable (PageFault) -> Void)?) {
+        writeProtectHandler = handler
+    }
+
+    /// Tells `mapping` about REMAP and UNMAP events as they are applied.
+    func follow(_ mapping: RegionMapping) {
+        ownedMapping = mapping
     }
 
     /// The counters so far. Readable from any thread.
@@ -252,6 +298,7 @@ public actor FaultResolver {
         case .unmap(let range):
             forEachPart(of: range) { invalidateFetches(in: $0) }
             segments = segments.flatMap { $0.removing(range) }
+            ownedMapping?.unmapped(range)
         case .remap(let from, let to, let length):
             let moved = MemoryRange(start: from, length: length)
             forEachPart(of: moved) { invalidateFetches(in: $0) }
@@ -264,8 +311,13 @@ public actor FaultResolver {
                 }
             }
             segments = result
+            ownedMapping?.moved(from: from, to: to, length: length)
         case .fork(let child):
-            forkChannel.continuation.yield(child)
+            if options.serveForkedChildren {
+                serveChild(child)
+            } else {
+                forkChannel.continuation.yield(child)
+            }
         }
     }
 
@@ -284,11 +336,21 @@ public actor FaultResolver {
         case .missing:
             break
         case .writeProtect:
+            if let writeProtectHandler {
+                writeProtectHandler(fault)
+                return
+            }
             // Not a page this resolver fills: lift the protection so the writer never hangs.
             try? uffd.writeProtect(page, enabled: false)
             return
         case .minor:
-            _ = try? uffd.continue(page)
+            // The page is in the page cache already (filled by another mapping of the file): map it, no provider read.
+            counters.withLock { $0.minorFaults += 1 }
+            do {
+                try uffd.continue(page)
+            } catch {
+                try? uffd.wake(page)
+            }
             return
         }
         guard let segment = segments.first(where: { $0.range.contains(fault.address) }) else {
@@ -354,6 +416,29 @@ public actor FaultResolver {
         }
     }
 
+    /// Serves a forked child's userfaultfd with a resolver of its own: the same providers, at the same addresses (the
+    /// child's address space is a copy of this one), with fresh page state (pages present here were copied into the
+    /// child by fork; the rest fault into the child's userfaultfd).
+    private func serveChild(_ child: UserfaultFD) {
+        let resolver = FaultResolver(uffd: child, options: options)
+        let layout = segments.filter { $0.region.sharedFile == nil }.map {
+            ($0.range, $0.region.provider, $0.region.providerOffset + $0.firstPage * $0.region.pageSize, $0.region.pageSize)
+        }
+        childResolvers.append(resolver)
+        counters.withLock { $0.forkedChildrenServed += 1 }
+        Task(executorPreference: child.eventExecutor) {
+            do {
+                for (range, provider, offset, pageSize) in layout {
+                    try await resolver.serve(range, provider: provider, providerOffset: offset, pageSize: pageSize)
+                }
+                try resolver.start()
+            } catch {
+                // The child cannot be served: closing its userfaultfd lets its faults fall back to ordinary memory.
+                child.close()
+            }
+        }
+    }
+
     /// A zero page for a fault nobody serves, so that its thread does not hang.
     private func wakeWithZeroPage(_ page: MemoryRange, of region: ServedRegion?) {
         do {
@@ -390,6 +475,8 @@ public actor FaultResolver {
     func readerFinished(_ error: UserfaultError?) {
         if let error { report(decodeError: error) }
         cancel()
+        for child in childResolvers { child.uffd.close() }
+        childResolvers.removeAll()
         errorChannel.continuation.finish()
         forkChannel.continuation.finish()
     }

@@ -19,33 +19,96 @@
 /// A thread that touches the region blocks in the kernel until its page is resolved. The resolver never needs a thread
 /// of Swift's cooperative pool, so touching it from async code is safe even when every pool thread faults at once.
 public final class LazyRegion: Sendable {
-    private let memory: AnonymousMemory
+    /// What memory backs the region.
+    public enum Backing: Sendable, Hashable {
+        /// Private anonymous memory; faults are resolved with `UFFDIO_COPY`.
+        case anonymous
+        /// A shared-memory file (memfd, ``sharedFile``) mapped `MAP_SHARED` and registered MISSING + MINOR: a fault is
+        /// resolved by writing the page into the file's page cache once, then mapping that page with `UFFDIO_CONTINUE`.
+        /// Other mappings of the file (another process, a VM) see the same pages, and a page already in the page cache
+        /// is mapped without asking the provider again (a MINOR fault).
+        case sharedMemory
+    }
+
+    private let mapping: RegionMapping
     /// The userfaultfd that reports this region's faults.
     public let uffd: UserfaultFD
     /// The resolver that serves them.
     public let resolver: FaultResolver
     /// Bytes asked for (the mapping is rounded up to whole pages; the extra bytes read as the provider says).
     public let count: Int
+    /// The shared-memory file holding the pages, for ``Backing/sharedMemory`` (map its ``SharedMemoryFile/fileDescriptor``
+    /// elsewhere to share them); `nil` for anonymous memory.
+    public let sharedFile: SharedMemoryFile?
+    /// The dirty-tracking engine the region was set up for (`tracking:`), or `nil`. See ``DirtyTracker/init(region:)``.
+    public let trackingEngine: DirtyTracker.Engine?
+    private let originalRange: MemoryRange
 
     /// Maps `length` bytes served by `provider` and starts serving faults.
-    /// - Throws: ``UserfaultError`` when the length is not positive, or the mapping, userfaultfd or registration fails.
-    public init(length: Int, provider: any PageProvider, options: FaultResolver.Options = .init()) async throws {
+    ///
+    /// The userfaultfd asks for REMOVE, REMAP and UNMAP events (when offered), so the region follows its memory's life:
+    /// pages given back with `MADV_DONTNEED` are asked for again on next touch (or are zeros, per
+    /// ``FaultResolver/Options/afterRemove``), `mremap(2)` moves it (see ``currentRanges``), `munmap(2)` ends resolution
+    /// for that range. With ``FaultResolver/Options/serveForkedChildren`` it also asks for FORK (and throws without it).
+    ///
+    /// - Parameters:
+    ///   - backing: anonymous memory (default) or a shared-memory file (MINOR faults, ``Backing/sharedMemory``).
+    ///   - tracking: also register for write protection and install pages write-protected, so that a ``DirtyTracker``
+    ///     made with ``DirtyTracker/init(region:)`` can report the pages written (with this engine).
+    /// - Throws: ``UserfaultError`` when the length is not positive, or the mapping, userfaultfd or registration fails
+    ///   (``UserfaultError/Code/unsupportedFeatures(_:)`` when the kernel lacks what the backing or tracking needs).
+    public init(
+        length: Int, provider: any PageProvider, options: FaultResolver.Options = .init(),
+        backing: Backing = .anonymous, tracking: DirtyTracker.Engine? = nil
+    ) async throws {
         guard length > 0 else {
             throw UserfaultError(.invalidArgument, operation: .register, detail: "a LazyRegion needs a positive length, got \(length)")
         }
-        memory = try AnonymousMemory(length: length, noReserve: true)
+        var required: UserfaultFeatures = []
         // REMOVE events: a page given back with MADV_DONTNEED faults again, and the resolver must know it is gone
         // (otherwise it takes the fault for one on a present page, wakes the thread, and the thread faults again forever).
-        uffd = try UserfaultFD(optionalFeatures: [.threadID, .eventRemove])
+        // REMAP and UNMAP: without them a moved mapping loses its registration, and an unmapped one is not forgotten.
+        var optional: UserfaultFeatures = [.threadID, .eventRemove, .eventRemap, .eventUnmap]
+        var mode: RegistrationMode = [.missing]
+        var options = options
+        if options.serveForkedChildren { required.insert(.eventFork) }
+        if backing == .sharedMemory {
+            required.formUnion([.missingShmem, .minorShmem])
+            mode.insert(.minor)
+        }
+        if let tracking {
+            required.insert(tracking == .asyncScan ? .wpAsync : .pagefaultFlagWP)
+            if backing == .sharedMemory { required.insert(.wpHugetlbfsShmem) } else { required.insert(.wpUnpopulated) }
+            optional.formUnion(tracking.features)
+            mode.insert(.writeProtect)
+            options.installWriteProtected = true
+        }
+        let file = backing == .sharedMemory ? try SharedMemoryFile(length: length, name: "LazyRegion") : nil
+        if let file {
+            mapping = RegionMapping(owning: MemoryRange(
+                start: try SharedMemoryFile.mapShared(descriptor: file.fileDescriptor, length: file.length), length: file.length))
+        } else {
+            mapping = try RegionMapping.anonymous(length: length, noReserve: true)
+        }
+        originalRange = mapping.current[0].range
+        sharedFile = file
+        trackingEngine = tracking
         count = length
         do {
-            try uffd.register(memory.range, mode: .missing)
+            uffd = try UserfaultFD(requiredFeatures: required, optionalFeatures: optional)
+        } catch {
+            mapping.unmapAll()
+            throw error
+        }
+        do {
+            try uffd.register(originalRange, mode: mode)
             resolver = FaultResolver(uffd: uffd, options: options)
-            try await resolver.serve(memory.range, provider: provider)
+            try await resolver.serve(originalRange, provider: provider, providerOffset: 0, pageSize: nil, sharedFile: file)
+            await resolver.follow(mapping)
             try resolver.start()
         } catch {
             uffd.close()
-            memory.unmap()
+            mapping.unmapAll()
             throw error
         }
     }
@@ -58,9 +121,11 @@ public final class LazyRegion: Sendable {
         length: Int,
         provider: any PageProvider,
         options: FaultResolver.Options = .init(),
+        backing: Backing = .anonymous,
+        tracking: DirtyTracker.Engine? = nil,
         _ body: (LazyRegion) async throws -> Result
     ) async throws -> Result {
-        let region = try await LazyRegion(length: length, provider: provider, options: options)
+        let region = try await LazyRegion(length: length, provider: provider, options: options, backing: backing, tracking: tracking)
         do {
             let result = try await withTaskCancellationHandler {
                 try await body(region)
@@ -76,39 +141,58 @@ public final class LazyRegion: Sendable {
     }
 
     deinit {
+        releaseMemory()
+    }
+
+    /// Unregisters what is still mapped (so unmapping it raises no UNMAP event that nobody would read: the unmapping
+    /// thread would sleep until the userfaultfd is closed), closes the userfaultfd, then unmaps.
+    private func releaseMemory() {
+        for piece in mapping.current { try? uffd.unregister(piece.range) }
         uffd.close()
-        memory.unmap()
+        mapping.unmapAll()
     }
 
     /// Stops serving, resolves whatever is still pending (``FaultResolver/Options/cancellation``), closes the userfaultfd
-    /// and unmaps the memory. No thread may use the region afterwards.
+    /// and unmaps the memory (where it is now, after any `mremap`). No thread may use the region afterwards.
     public func close() async {
         await resolver.cancel()
-        uffd.close()
-        memory.unmap()
+        releaseMemory()
     }
 
-    /// The first byte.
-    public var baseAddress: UnsafeMutableRawPointer { memory.pointer }
+    /// The first byte: where the region's first page is now. It follows `mremap(2)` of the region once the resolver
+    /// has applied the REMAP event (the moving thread is released as soon as the event is read, so for a moment right
+    /// after `mremap` returns this can still be the old address: use what `mremap` returned). If the first page was
+    /// unmapped, this is the address the region was created at, which is no longer the region's.
+    public var baseAddress: UnsafeMutableRawPointer {
+        UnsafeMutableRawPointer(bitPattern: mapping.baseAddress ?? originalRange.start)!
+    }
 
-    /// The region's address range (whole pages).
-    public var range: MemoryRange { memory.range }
+    /// The region's address range (whole pages) starting at ``baseAddress``. After a partial move or unmap, see
+    /// ``currentRanges``.
+    public var range: MemoryRange { MemoryRange(start: UInt(bitPattern: baseAddress), length: originalRange.length) }
+
+    /// Where the region's pages are now: each run as its address range and the offset in the region of its first byte.
+    /// One run of the whole region until the application moves (`mremap`) or unmaps (`munmap`) part of it; an
+    /// unmapped part is no longer listed (and no longer served).
+    public var currentRanges: [(range: MemoryRange, offset: Int)] {
+        mapping.current.map { ($0.range, $0.firstPage * systemPageSize) }
+    }
 
     /// Gives `body` the region's `count` bytes to read. Touching a page faults it in.
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        try body(UnsafeRawBufferPointer(start: memory.pointer, count: count))
+        try body(UnsafeRawBufferPointer(start: baseAddress, count: count))
     }
 
     /// Gives `body` the region's `count` bytes to read and write. Touching a page faults it in.
     public func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
-        try body(UnsafeMutableRawBufferPointer(start: memory.pointer, count: count))
+        try body(UnsafeMutableRawBufferPointer(start: baseAddress, count: count))
     }
 
     /// Resolves the bytes in `range` (offsets into the region) ahead of access, without blocking a thread.
     public func prefetch(_ range: Range<Int>) async throws {
-        precondition(range.lowerBound >= 0 && range.upperBound <= memory.length, "prefetch range outside the region")
+        precondition(range.lowerBound >= 0 && range.upperBound <= originalRange.length, "prefetch range outside the region")
         guard !range.isEmpty else { return }
-        try await resolver.prefetch(MemoryRange(start: memory.address + UInt(range.lowerBound), length: range.count))
+        try await resolver.prefetch(MemoryRange(start: UInt(bitPattern: baseAddress) + UInt(range.lowerBound), length: range.count))
     }
 
     /// The resolver's counters: faults, pages copied, zero pages, bytes, dedup joins, provider errors, latency.

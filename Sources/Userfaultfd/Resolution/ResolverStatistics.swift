@@ -26,6 +26,10 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     public var unservedFaults = 0
     /// Non-fault events handled.
     public var events = 0
+    /// MINOR faults: pages already in a shared file's page cache, mapped with `UFFDIO_CONTINUE` without a provider read.
+    public var minorFaults = 0
+    /// Forked children given a resolver of their own (``FaultResolver/Options/serveForkedChildren``).
+    public var forkedChildrenServed = 0
     /// Fault-to-wake latency: from reading the fault message to the ioctl that woke the thread.
     public var latency = LatencyHistogram()
 
@@ -36,7 +40,7 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
         """
         faults \(faults), pages copied \(pagesCopied), zero pages \(zeroPages), bytes \(bytesCopied), \
         dedup joins \(deduplicatedFaults), already present \(alreadyPresentFaults), provider reads \(providerReads) (readahead \(readaheadReads)), \
-        provider errors \(providerErrors), poisoned \(pagesPoisoned), deferred \(deferredRetries), \
+        provider errors \(providerErrors), minor \(minorFaults), poisoned \(pagesPoisoned), deferred \(deferredRetries), \
         fault-to-wake p50 \(LatencyHistogram.format(latency.percentile(50))) \
         p99 \(LatencyHistogram.format(latency.percentile(99))) max \(LatencyHistogram.format(latency.maximum))
         """

@@ -23,12 +23,16 @@ final class ServedRegion {
     let zeroByCopy: Bool
     /// Read alignment, in pages, from the provider's preferred read size.
     let alignmentPages: Int
+    /// For a shared-memory ``LazyRegion``: the file whose page cache holds the pages (installed by writing it, then
+    /// `UFFDIO_CONTINUE`), page `i` of the region being page `i` of the file.
+    let sharedFile: SharedMemoryFile?
 
     // Readahead state.
     var nextExpectedPage = -1
     var windowPages: Int
 
-    init(id: Int, length: Int, provider: any PageProvider, providerOffset: Int, pageSize: Int, readahead: ReadaheadPolicy) throws(UserfaultError) {
+    init(id: Int, length: Int, provider: any PageProvider, providerOffset: Int, pageSize: Int, readahead: ReadaheadPolicy,
+         sharedFile: SharedMemoryFile? = nil, zeroByCopy: Bool = false) throws(UserfaultError) {
         self.id = id
         self.provider = provider
         self.providerOffset = providerOffset
@@ -45,7 +49,8 @@ final class ServedRegion {
         present = try PageBitmap(pages: pageCount)
         inFlight = try PageBitmap(pages: pageCount)
         removed = try PageBitmap(pages: pageCount)
-        zeroByCopy = pageSize > systemPageSize
+        self.zeroByCopy = zeroByCopy || pageSize > systemPageSize
+        self.sharedFile = sharedFile
         windowPages = readahead.initialPages(pageSize: pageSize)
         alignmentPages = readahead == .none ? 1 : max(1, provider.preferredReadSize / pageSize)
     }

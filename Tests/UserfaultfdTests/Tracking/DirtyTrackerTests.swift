@@ -1,0 +1,218 @@
+import CUserfaultfdTestSupport
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+import UffdTool
+import Userfaultfd
+
+/// What the racing writer and the collecting test share.
+final class RaceState: Sendable {
+    let done = Atomic<Int>(0)
+    let stop = Atomic<Bool>(false)
+}
+
+/// Dirty tracking with both engines, on real memory written from dedicated threads.
+@Suite("Dirty tracking")
+struct DirtyTrackerTests {
+    static let engines: [DirtyTracker.Engine] = [.writeProtectFaults, .asyncScan]
+
+    /// Page indexes (from `base`) covered by `ranges`.
+    static func pages(_ ranges: [MemoryRange], from base: UInt) -> Set<Int> {
+        var result = Set<Int>()
+        for range in ranges {
+            let first = Int((range.start - base) / UInt(systemPageSize))
+            for page in first..<first + range.length / systemPageSize { result.insert(page) }
+        }
+        return result
+    }
+
+    /// Writes one byte into each page of `pages`, split over `threads` dedicated threads; true when all returned.
+    static func write(_ pages: [Int], at base: UInt, threads: Int, value: UInt8) async -> Bool {
+        let pageSize = systemPageSize
+        let workers = (0..<threads).map { worker in
+            let mine = pages.enumerated().filter { $0.offset % threads == worker }.map(\.element)
+            return OffPoolThread(name: "uffd-track-writer") {
+                for page in mine { cuffd_test_write_byte(UnsafeMutableRawPointer(bitPattern: base + UInt(page * pageSize) + 11), value) }
+                return true
+            }
+        }
+        for worker in workers where !(await worker.finishes(within: 15)) { return false }
+        return true
+    }
+
+    /// A seeded write pattern over several rounds gives exactly the written pages, with both engines, from 4 threads;
+    /// and the two engines report the same sets.
+    @Test(.timeLimit(.minutes(1)))
+    func exactDirtySetsAgreeAcrossEngines() async throws {
+        let pageCount = 96, rounds = 5
+        var reports: [DirtyTracker.Engine: [Set<Int>]] = [:]
+        for engine in Self.engines {
+            try await withFaultWatchdog(seconds: 30) { scope in
+                let mapping = try scope.makeMapping(pages: pageCount)
+                let tracker = try DirtyTracker(range: mapping.range, engine: engine)
+                scope.track(tracker.uffd)
+                #expect(tracker.engine == engine)
+                try await tracker.start()
+                var random = SplitMix64(seed: 0x5EED_0005)
+                var seen: [Set<Int>] = []
+                for round in 0..<rounds {
+                    let written = Set((0..<pageCount).filter { _ in random.next() % 3 == 0 })
+                    #expect(await Self.write(written.sorted(), at: mapping.address, threads: 4, value: UInt8(round + 1)))
+                    let dirty = Self.pages(try await tracker.collect(), from: mapping.address)
+                    #expect(dirty == written, "round \(round), \(engine): extra \(dirty.subtracting(written).sorted()), missing \(written.subtracting(dirty).sorted())")
+                    seen.append(dirty)
+                    // The bytes really landed.
+                    for page in written { #expect(peek(mapping.page(page) + 11) == UInt8(round + 1)) }
+                }
+                // Nothing written since the last round: an empty set.
+                #expect(try await tracker.collect().isEmpty)
+                if engine == .writeProtectFaults { #expect(tracker.statistics.faults == seen.reduce(0) { $0 + $1.count }) }
+                reports[engine] = seen
+                await tracker.stop()
+            }
+        }
+        #expect(reports[.writeProtectFaults] == reports[.asyncScan])
+    }
+
+    /// The automatic choice on this kernel (WP_ASYNC offered) is the scan engine.
+    @Test func automaticEngineIsTheBestOffered() throws {
+        let offered = try UserfaultFD.probeFeatures().features
+        let mapping = try TestMapping(pages: 4)
+        defer { mapping.unmap() }
+        let tracker = try DirtyTracker(range: mapping.range)
+        #expect(tracker.engine == DirtyTracker.Engine.best(for: offered))
+        #expect(offered.contains(.wpAsync) == (tracker.engine == .asyncScan))
+        tracker.uffd.close()
+    }
+
+    /// A writer keeps writing a counter into page after page while `collect()` runs in a loop: every write completed
+    /// before a collection started is in that round, or (when it raced the previous collection) in that one.
+    @Test(.timeLimit(.minutes(1)), arguments: engines)
+    func writesRacingCollectAreNeverLost(engine: DirtyTracker.Engine) async throws {
+        let pageCount = 32
+        try await withFaultWatchdog(seconds: 40) { scope in
+            let mapping = try scope.makeMapping(pages: pageCount)
+            let tracker = try DirtyTracker(range: mapping.range, engine: engine)
+            scope.track(tracker.uffd)
+            try await tracker.start()
+            let state = RaceState()
+            // state.done: writes completed (write j goes to page j % pageCount).
+            let base = mapping.address, pageSize = systemPageSize
+            let writer = OffPoolThread(name: "uffd-track-racer") {
+                var index = 0
+                while !state.stop.load(ordering: .acquiring) {
+                    let page = index % pageCount
+                    UnsafeMutablePointer<UInt64>(bitPattern: base + UInt(page * pageSize))!.pointee = UInt64(index)
+                    index += 1
+                    state.done.store(index, ordering: .releasing)
+                }
+                return index
+            }
+            var rounds: [(before: Int, after: Int, pages: Set<Int>)] = []
+            for _ in 0..<60 {
+                let before = state.done.load(ordering: .acquiring)
+                let dirty = Self.pages(try await tracker.collect(), from: base)
+                rounds.append((before, state.done.load(ordering: .acquiring), dirty))
+            }
+            state.stop.store(true, ordering: .releasing)
+            let total = await writer.value
+            let last = Self.pages(try await tracker.collect(), from: base)
+            rounds.append((total, total, last))
+            #expect(total > pageCount, "the writer made too few writes to test anything (\(total))")
+            var lost: [Int] = []
+            var previousAfter = 0
+            for (index, round) in rounds.enumerated() {
+                let lower = index == 0 ? 0 : rounds[index - 1].before
+                for write in lower..<round.before {
+                    let page = write % pageCount
+                    var allowed = round.pages
+                    if index > 0 && write < previousAfter { allowed.formUnion(rounds[index - 1].pages) }
+                    if !allowed.contains(page) { lost.append(write) }
+                }
+                previousAfter = round.after
+            }
+            #expect(lost.isEmpty, "\(lost.count) writes lost with \(engine), first \(lost.prefix(5))")
+            await tracker.stop()
+        }
+    }
+
+    /// A child process's memory, tracked here through the child's own userfaultfd (copied in with pidfd_getfd) and pid.
+    @Test(.timeLimit(.minutes(1)), arguments: engines)
+    func tracksAnotherProcess(engine: DirtyTracker.Engine) async throws {
+        let pageCount = 16
+        let features: UserfaultFeatures = engine == .asyncScan ? [.pagefaultFlagWP, .wpAsync, .wpUnpopulated] : [.pagefaultFlagWP, .wpUnpopulated]
+        try await withFaultWatchdog(seconds: 30) { scope in
+            var commandFD: Int32 = -1, replyFD: Int32 = -1
+            let pid = cuffd_test_spawn_tracked_child(pageCount, features.rawValue, &commandFD, &replyFD)
+            guard pid > 0 else { throw TestFailure("clone failed: \(errno)") }
+            scope.track(child: pid)
+            defer { close(commandFD); close(replyFD) }
+            #expect(await waitReadable(replyFD, seconds: 10))
+            var address: UInt64 = 0, childUFFD: Int32 = -1
+            let status = cuffd_test_read_child_hello(replyFD, &address, &childUFFD)
+            try #require(status == 0, "the child failed to set up (\(status))")
+            let descriptor = cuffd_test_pidfd_getfd(pid, childUFFD)
+            try #require(descriptor >= 0, "pidfd_getfd: \(errno)")
+            let uffd = scope.track(try UserfaultFD(adopting: descriptor, enabledFeatures: features))
+            let range = MemoryRange(start: UInt(address), length: pageCount * systemPageSize)
+            let tracker = try DirtyTracker(range: range, uffd: uffd, pid: pid, registering: false)
+            #expect(tracker.engine == engine)
+            try await tracker.start()
+            func childWrites(_ pages: [Int]) async -> Bool {
+                for page in pages {
+                    var value = UInt32(page)
+                    guard Glibc.write(commandFD, &value, 4) == 4, await waitReadable(replyFD, seconds: 10) else { return false }
+                    var ack: UInt8 = 0
+                    guard read(replyFD, &ack, 1) == 1 else { return false }
+                }
+                return true
+            }
+            for pattern in [[1, 2, 3, 9], [0, 15], [4, 9, 10, 11, 12]] {
+                #expect(await childWrites(pattern))
+                #expect(Self.pages(try await tracker.collect(), from: range.start) == Set(pattern))
+            }
+            var quit = UInt32.max
+            _ = Glibc.write(commandFD, &quit, 4)
+            #expect(await waitForChild(pid, seconds: 10) == 0)
+            scope.reaped(child: pid)
+        }
+    }
+
+    /// A LazyRegion created with tracking: pages faulted in by reads are clean; only written pages are reported.
+    @Test(.timeLimit(.minutes(1)), arguments: engines)
+    func tracksALazyRegion(engine: DirtyTracker.Engine) async throws {
+        let pageSize = systemPageSize
+        let source = (0..<(16 * pageSize)).map { UInt8(truncatingIfNeeded: $0 / pageSize + 1) }
+        try await withFaultWatchdog(seconds: 30) { scope in
+            try await LazyRegion.with(length: source.count, provider: MemoryProvider(source),
+                                      options: .init(readahead: .none), tracking: engine) { region in
+                scope.track(region.uffd)
+                let tracker = try await DirtyTracker(region: region)
+                try await tracker.start()
+                let base = UInt(bitPattern: region.baseAddress)
+                let reader = OffPoolThread(name: "uffd-track-read") { (0..<8).map { peek(base + UInt($0 * pageSize)) } }
+                #expect(await reader.finishes(within: 10))
+                #expect(await reader.value == (0..<8).map { UInt8($0 + 1) })
+                // Writes to a page read before, and to pages never touched (a MISSING fault, then the write).
+                #expect(await Self.write([2, 5, 12], at: base, threads: 2, value: 0xEE))
+                #expect(Self.pages(try await tracker.collect(), from: base) == [2, 5, 12])
+                #expect(peek(base + UInt(12 * pageSize)) == 13, "a page faulted in by a write keeps the provider's data")
+                #expect(Self.pages(try await tracker.collect(), from: base).isEmpty)
+            }
+        }
+    }
+}
+
+/// `uffd track` checks each round against what it wrote.
+@Suite("uffd track")
+struct TrackCommandTests {
+    @Test(.timeLimit(.minutes(1)), arguments: DirtyTrackerTests.engines)
+    func everyRoundMatches(engine: DirtyTracker.Engine) async throws {
+        let lines = Mutex<[String]>([])
+        let matched = try await TrackCommand(pages: 48, rounds: 3, engine: engine, seed: 7).run { line in lines.withLock { $0.append(line) } }
+        #expect(matched)
+        let output = lines.withLock { $0 }
+        #expect(output.filter { $0.hasPrefix("round ") && $0.hasSuffix(" ok") }.count == 3, "\(output)")
+    }
+}
