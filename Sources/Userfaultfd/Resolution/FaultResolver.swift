@@ -85,6 +85,8 @@ public actor FaultResolver {
     var fetches: [Int: Fetch] = [:]
     var waitingForSlot: [Int] = []
     var deferred: [Int] = []
+    /// Write-protect faults whose un-protection the kernel deferred (`EAGAIN` while an event was unread).
+    var deferredUnprotects: [MemoryRange] = []
     var activeReads = 0
     var nextFetchID = 0
     var nextRegionID = 0
@@ -222,7 +224,7 @@ public actor FaultResolver {
         for item in batch {
             if case .success(.pageFault(let fault)) = item { resolve(fault, readAt: readAt) }
         }
-        if !deferred.isEmpty { retryDeferred() }
+        if !deferred.isEmpty || !deferredUnprotects.isEmpty { retryDeferred() }
     }
 
     private func apply(_ event: FaultEvent) {
@@ -274,7 +276,7 @@ public actor FaultResolver {
             break
         case .writeProtect:
             // Not a page this resolver fills: lift the protection so the writer never hangs.
-            try? uffd.writeProtect(page, enabled: false)
+            unprotect(page)
             return
         case .minor:
             _ = try? uffd.continue(page)
