@@ -57,5 +57,6 @@ void *cuffd_test_mremap_fixed(void *old_address, size_t length, void *new_addres
 int cuffd_test_memfd(const char *name, size_t size);
 
 #include "resolution_support.h"
+#include "stress_support.h"
 
 #endif
