@@ -6,7 +6,8 @@
 // "balloon" (MADV_DONTNEED, which sends REMOVE) and checks those pages read back as zeros.
 //
 // --mode selects a broken or malicious peer instead: invalid-json, no-fd, not-uffd, two-fds, outside-file, overlap,
-// bad-page-size, garbage-after, exit-with-pending, legacy-fields, page-size-kib.
+// bad-page-size, garbage-after, exit-with-pending, legacy-fields, page-size-kib; fault-forever is a VM under load that
+// never finishes: 8 threads read random pages and give random ranges back (MADV_DONTNEED), until it is killed.
 //
 // Exit status: 0 success (for rejection modes: the handler closed the connection), 1 content mismatch, 2 usage or
 // setup error, 3 the handler did not react as expected.
@@ -96,7 +97,7 @@ func expectRejection() -> Never {
 
 do {
     switch mode {
-    case "normal", "garbage-after", "exit-with-pending", "balloon":
+    case "normal", "garbage-after", "exit-with-pending", "balloon", "fault-forever":
         try uffd.send(over: connection, payload: body())
     case "legacy-fields":
         try uffd.send(over: connection, payload: body { _, region in
@@ -153,6 +154,32 @@ if mode == "exit-with-pending" {
     print("EXITING")
     fflush(nil)  // _exit skips stdio's buffers: flush them all
     _exit(0)
+}
+
+if mode == "fault-forever" {
+    // Faults without end, so that whenever the test kills this process some of them are pending in the handler.
+    for index in 0..<8 {
+        Thread {
+            var state = UInt64(index + 1) &* 0x9e37_79b9_7f4a_7c15
+            var sum: UInt8 = 0
+            while true {
+                state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+                let region = Int(state >> 60) % bases.count
+                let page = Int((state >> 20) % UInt64(regionSize / pageSize))
+                let address = bases[region] + UInt(page * pageSize)
+                if index == 0 && state & 7 == 0 {
+                    madvise(UnsafeMutableRawPointer(bitPattern: address), pageSize, MADV_DONTNEED)
+                } else {
+                    // A real load (kept: the sum is printed if the loop ever ends, which it does not).
+                    sum &+= UnsafeRawPointer(bitPattern: address)!.load(as: UInt8.self)
+                }
+                if sum == 1 && state == 0 { print(sum) }
+            }
+        }.start()
+    }
+    print("FAULTING")
+    fflush(nil)
+    while true { pause() }
 }
 
 // Read every page and compare it with the memory file.

@@ -347,7 +347,24 @@ extension FaultResolver {
         }
     }
 
+    /// Lifts the write protection of `page` for a write-protect fault, waking the writer. `EAGAIN` (a non-fault event
+    /// is unread) wakes nobody, so the page waits in `deferredUnprotects` and is retried like a deferred fetch; any other
+    /// error means the range is gone (unmapped, closed) and there is nobody to wake.
+    func unprotect(_ page: MemoryRange) {
+        do throws(UserfaultError) {
+            try uffd.writeProtect(page, enabled: false)
+        } catch {
+            guard case .tryAgain = error.code else { return }
+            deferredUnprotects.append(page)
+            counters.withLock { $0.deferredRetries += 1 }
+            scheduleDeferredRetry()
+        }
+    }
+
     func retryDeferred() {
+        let pages = deferredUnprotects
+        deferredUnprotects.removeAll()
+        for page in pages { unprotect(page) }
         let ids = deferred
         deferred.removeAll()
         for id in ids {
@@ -369,7 +386,7 @@ extension FaultResolver {
         executor.queue.asyncAfter(deadline: .now() + .microseconds(200)) { [weak self] in
             self?.assumeIsolated { resolver in
                 resolver.deferredRetryScheduled = false
-                if !resolver.deferred.isEmpty { resolver.retryDeferred() }
+                if !resolver.deferred.isEmpty || !resolver.deferredUnprotects.isEmpty { resolver.retryDeferred() }
             }
         }
     }

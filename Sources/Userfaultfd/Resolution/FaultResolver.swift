@@ -50,7 +50,9 @@ public actor FaultResolver {
         public var afterRemove: RemovedPagePolicy
         /// With ``FaultResolver/start()``: how long the reader keeps polling the userfaultfd after a batch before it
         /// waits on its Dispatch source again. A fault arriving within the window skips the source's wake-ups, about
-        /// halving a one-page round trip; the price is up to this much CPU after each batch. Zero turns it off.
+        /// halving a one-page round trip; the price is up to this much CPU after each batch. Zero (the default) turns it
+        /// off. Not yet the default: under sustained faults with asynchronous providers, polling delays the provider
+        /// completions queued behind the reader (the stress and fault-injection suites showed threads starving).
         public var pollingWindow: Duration
         /// Install pages write-protected (`UFFDIO_COPY_MODE_WP`; zeros by copy too), for memory registered
         /// ``RegistrationMode/missing`` and ``RegistrationMode/writeProtect`` whose writes a ``DirtyTracker`` counts:
@@ -70,7 +72,7 @@ public actor FaultResolver {
             cancellation: CancellationResolution = .zeroFill,
             providerExecutor: (any TaskExecutor)? = nil,
             afterRemove: RemovedPagePolicy = .refetch,
-            pollingWindow: Duration = .microseconds(50),
+            pollingWindow: Duration = .zero,
             installWriteProtected: Bool = false,
             serveForkedChildren: Bool = false
         ) {
@@ -104,6 +106,8 @@ public actor FaultResolver {
     var fetches: [Int: Fetch] = [:]
     var waitingForSlot: [Int] = []
     var deferred: [Int] = []
+    /// Write-protect faults whose un-protection the kernel deferred (`EAGAIN` while an event was unread).
+    var deferredUnprotects: [MemoryRange] = []
     var activeReads = 0
     var nextFetchID = 0
     var nextRegionID = 0
@@ -279,7 +283,7 @@ public actor FaultResolver {
         for item in batch {
             if case .success(.pageFault(let fault)) = item { resolve(fault, readAt: readAt) }
         }
-        if !deferred.isEmpty { retryDeferred() }
+        if !deferred.isEmpty || !deferredUnprotects.isEmpty { retryDeferred() }
     }
 
     private func apply(_ event: FaultEvent) {
@@ -341,7 +345,7 @@ public actor FaultResolver {
                 return
             }
             // Not a page this resolver fills: lift the protection so the writer never hangs.
-            try? uffd.writeProtect(page, enabled: false)
+            unprotect(page)
             return
         case .minor:
             // The page is in the page cache already (filled by another mapping of the file): map it, no provider read.

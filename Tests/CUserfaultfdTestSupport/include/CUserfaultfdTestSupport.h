@@ -58,5 +58,6 @@ int cuffd_test_memfd(const char *name, size_t size);
 
 #include "resolution_support.h"
 #include "tracking_support.h"
+#include "stress_support.h"
 
 #endif

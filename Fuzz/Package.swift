@@ -1,0 +1,25 @@
+// swift-tools-version:6.0
+//
+// libFuzzer targets for everything swift-userfaultfd parses from outside: uffd_msg decoding and the Firecracker
+// handshake body. Built only with the fuzzer:
+//
+//     swift build -c debug -Xswiftc -sanitize=fuzzer,address --scratch-path .build-fuzz
+//     .build-fuzz/debug/fuzz-fault-message -runs=100000 Corpus/fault-message
+//
+// (libFuzzer provides `main`, so a plain `swift build` of this package does not link; it is its own package so that
+// it never affects the library's build.) See ../RELIABILITY.md.
+
+import PackageDescription
+
+let settings: [SwiftSetting] = [.swiftLanguageMode(.v6), .unsafeFlags(["-parse-as-library"])]
+
+let package = Package(
+    name: "swift-userfaultfd-fuzz",
+    dependencies: [.package(name: "swift-userfaultfd", path: "..")],
+    targets: [
+        .executableTarget(name: "fuzz-fault-message", dependencies: [.product(name: "Userfaultfd", package: "swift-userfaultfd")],
+                          path: "Sources/FuzzFaultMessage", swiftSettings: settings),
+        .executableTarget(name: "fuzz-handshake", dependencies: [.product(name: "Userfaultfd", package: "swift-userfaultfd")],
+                          path: "Sources/FuzzHandshake", swiftSettings: settings),
+    ]
+)

@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Writes the committed seed corpus (Corpus/*): real uffd_msg layouts and Firecracker handshake bodies."""
+import json, os, struct
+
+os.chdir(os.path.dirname(os.path.abspath(__file__)))
+os.makedirs("Corpus/fault-message", exist_ok=True)
+os.makedirs("Corpus/handshake", exist_ok=True)
+
+def msg(event, *fields):
+    b = bytearray(32)
+    b[0] = event
+    for i, f in enumerate(fields):
+        struct.pack_into("<Q", b, 8 + 8 * i, f)
+    return bytes(b)
+
+messages = {
+    "pagefault-read": msg(0x12, 0, 0x7F0000001234, 0),
+    "pagefault-write-wp": msg(0x12, 3, 0x7F0000002000, 0),
+    "pagefault-minor": msg(0x12, 4, 0x7F0000003000, 0),
+    "fork": msg(0x13, 7),
+    "remap": msg(0x14, 0x1000, 0x200000, 0x3000),
+    "remove": msg(0x15, 0x7F0000000000, 0x7F0000010000),
+    "unmap": msg(0x16, 0x7F0000000000, 0x7F0000010000),
+    "remove-inverted": msg(0x15, 0x2000, 0x1000),
+    "unknown-event": msg(0x42),
+    "short": b"\x12" * 16,
+}
+for name, data in messages.items():
+    open(f"Corpus/fault-message/{name}", "wb").write(data)
+
+def region(base, size, offset, page):
+    return {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": page, "page_size_kib": page}
+
+bodies = {
+    "two-regions": [region(0x7F0000000000, 1 << 20, 0, 4096), region(0x7F0000200000, 1 << 20, 1 << 20, 4096)],
+    "legacy": [{"base_host_virt_addr": 0x7F0000000000, "size": 1 << 20, "offset": 0}],
+    "huge": [region(0x7F0000000000, 4 << 20, 0, 2 << 20)],
+    "overlap": [region(0x7F0000000000, 1 << 20, 0, 4096), region(0x7F0000000000, 1 << 20, 1 << 20, 4096)],
+    "top-of-address-space": [region(0xFFFFFFFFFFFFF000, 4096, 0, 4096)],
+    "empty": [],
+}
+for name, body in bodies.items():
+    open(f"Corpus/handshake/{name}", "w").write(json.dumps(body))
+open("Corpus/handshake/truncated", "w").write('[{"base_host_virt_addr": 1, "size": ')
+open("Corpus/handshake/not-a-list", "w").write('{"a": 1}')
