@@ -1,5 +1,6 @@
 import CUserfaultfdTestSupport
 import Glibc
+import Synchronization
 import Testing
 import Userfaultfd
 
@@ -95,30 +96,48 @@ struct EventTests {
             let forker = OffPoolThread(name: "uffd-test-fork") {
                 cuffd_test_fork_toucher(UnsafeRawPointer(bitPattern: target), expected, 30)
             }
+            // FORK events are process-wide: a fork or spawn by a test running in parallel queues one too. Read them
+            // until ours has been read (our fork() returns only then), and serve every child that faults.
             var events = uffd.events.makeAsyncIterator()
-            let event = try await nextEvent(&events)
-            guard case .fork(let child) = event else {
-                Issue.record("expected a fork event, got \(event)")
-                return
-            }
-            scope.track(child)
+            var children: [UserfaultFD] = []
+            repeat {
+                let event = try await nextEvent(&events)
+                guard case .fork(let child) = event else {
+                    Issue.record("expected a fork event, got \(event)")
+                    return
+                }
+                scope.track(child)
+                children.append(child)
+                #expect(child.fileDescriptor != uffd.fileDescriptor)
+                #expect(child.enabledFeatures == uffd.enabledFeatures)
+            } while await !forker.finishes(within: 2) && children.count < 32
             let pid = await forker.value
             try #require(pid > 0, "fork failed: \(String(cString: strerror(errno)))")
             scope.track(child: pid)
-            #expect(child.fileDescriptor != uffd.fileDescriptor)
-            #expect(child.enabledFeatures == uffd.enabledFeatures)
 
-            // The child touches the page: the fault arrives on the child's userfaultfd, at the same address.
-            var childEvents = child.events.makeAsyncIterator()
-            let fault = try await nextPageFault(&childEvents)
-            #expect(fault.pageAddress == mapping.page(1))
-            #expect(fault.kind == .missing)
-            #expect(!fault.isWrite)
-            // Serve it into the child's address space.
-            var source = sourcePage(expected)
-            try child.copy(from: &source, to: fault.pageAddress, length: uffd.pageSize)
+            // Our child touches the page: the fault arrives on its userfaultfd, at the same address. Serve it into the
+            // child's address space (other children, from other tests' spawns, never fault there).
+            let served = ServedFaults()
+            let page = mapping.page(1), pageSize = uffd.pageSize
+            let servers = children.map { child in
+                Task {
+                    var childEvents = child.events.makeAsyncIterator()
+                    guard let fault = try? await nextPageFault(&childEvents), fault.pageAddress == page else { return }
+                    served.faults.withLock { $0.append(fault) }
+                    var source = sourcePage(expected)
+                    _ = try? child.copy(from: &source, to: fault.pageAddress, length: pageSize)
+                }
+            }
             let status = await waitForChild(pid, seconds: 20)
             if status != nil { scope.reaped(child: pid) }
+            for child in children { child.close() }
+            for server in servers { await server.value }
+            let faults = served.faults.withLock { $0 }
+            #expect(faults.count == 1, "exactly one child faulted on the page")
+            if let fault = faults.first {
+                #expect(fault.kind == .missing)
+                #expect(!fault.isWrite)
+            }
             #expect(status == 0, "the child exits 0 when it read the served byte (3: wrong byte, -N: signal N)")
 
             // The parent's page was not touched: it is still missing here.
@@ -273,4 +292,9 @@ struct EventTests {
             #expect(peek(mapping.page(0)) == 0x44)
         }
     }
+}
+
+/// Faults served by the fork test's per-child tasks.
+private final class ServedFaults: Sendable {
+    let faults = Mutex<[PageFault]>([])
 }
