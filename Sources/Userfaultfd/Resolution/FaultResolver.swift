@@ -245,6 +245,13 @@ public actor FaultResolver {
             let end = part.pages.upperBound
             while page < end {
                 if region.present[page] { page += 1; continue }
+                if region.removed[page], !region.inFlight[page] {
+                    let fetch = zeroFetch(from: page, of: segment, before: end)
+                    awaited.append((fetch.id, fetch))
+                    install(fetch)
+                    page = fetch.pages.upperBound
+                    continue
+                }
                 if region.inFlight[page] {
                     if let fetch = fetch(covering: page, of: region), !awaited.contains(where: { $0.fetch === fetch }) {
                         awaited.append((fetch.id, fetch))
@@ -391,13 +398,8 @@ public actor FaultResolver {
             return
         }
         if region.removed[index] {
-            // Removed under the zero-fill policy: zero pages, no provider.
-            var upper = index + 1
-            let end = min(segment.pages.upperBound, index + pool.bufferSize / region.pageSize)
-            while upper < end && region.removed[upper] && region.isFree(upper) { upper += 1 }
-            let fetch = makeFetch(region: region, segment: segment, pages: index..<upper)
+            let fetch = zeroFetch(from: index, of: segment, before: segment.pages.upperBound)
             fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
-            fetch.installation = .zeroPage
             install(fetch)
             return
         }
@@ -424,6 +426,18 @@ public actor FaultResolver {
             fetch.isReadahead = true
             start(fetch)
         }
+    }
+
+    /// A fetch of zero pages for pages removed under ``RemovedPagePolicy/zeroFill``: from `page` over the removed free
+    /// pages after it (up to `end` and one buffer's worth), never the provider.
+    private func zeroFetch(from page: Int, of segment: ServedSegment, before end: Int) -> Fetch {
+        let region = segment.region
+        var upper = page + 1
+        let end = min(end, page + pool.bufferSize / region.pageSize)
+        while upper < end && region.isRemovedAndFree(upper) { upper += 1 }
+        let fetch = makeFetch(region: region, segment: segment, pages: page..<upper)
+        fetch.installation = .zeroPage
+        return fetch
     }
 
     /// Serves a forked child's userfaultfd with a resolver of its own: the same providers, at the same addresses (the

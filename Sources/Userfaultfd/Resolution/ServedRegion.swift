@@ -55,7 +55,11 @@ final class ServedRegion {
         alignmentPages = readahead == .none ? 1 : max(1, provider.preferredReadSize / pageSize)
     }
 
-    @inline(__always) func isFree(_ page: Int) -> Bool { !present[page] && !inFlight[page] }
+    /// Neither present nor being fetched, and not removed under the zero-fill policy: a page provider data may go to.
+    @inline(__always) func isFree(_ page: Int) -> Bool { !present[page] && !inFlight[page] && !removed[page] }
+
+    /// Removed under the zero-fill policy, neither present nor being fetched: a page that gets zeros.
+    @inline(__always) func isRemovedAndFree(_ page: Int) -> Bool { removed[page] && !present[page] && !inFlight[page] }
 
     /// The pages one fault at `page` brings in: grown by readahead, aligned to the provider's read size, clipped to
     /// `limit` (the segment and the data) and to `maximumPages` (a buffer's size), never over a page present or in flight.
