@@ -69,7 +69,8 @@ final class EventReader: Sendable {
     /// - Parameter pollingWindow: after handing over a batch, keep reading the (non-blocking) descriptor for this long
     ///   before going back to the Dispatch source. A fault that arrives meanwhile is read at once, without the wake-ups
     ///   of the source's path (on Linux: epoll in libdispatch's manager thread, then a hand-off to a worker), which are
-    ///   most of a one-page round trip. Costs up to this much CPU after each batch; zero turns it off.
+    ///   most of a one-page round trip. Polling stops as soon as any work is queued on the reader's executor, so it
+    ///   never delays provider completions. Costs up to this much CPU after each batch; zero turns it off.
     func attach(_ sink: any FaultEventSink, pollingWindow: Duration = .zero) throws(UserfaultError) {
         let result: UserfaultError? = state.withLock { state in
             if state.cancelled { return UserfaultError(.closed, operation: .readEvents) }
@@ -122,8 +123,8 @@ final class EventReader: Sendable {
         guard let (sink, window) = state.withLock({ state in state.sink.map { ($0, state.pollingWindowNanoseconds) } }) else { return }
         buffers.withValue { buffers in
             var pollUntil: UInt64 = 0
-            // Polling never holds the queue for more than this: provider completions, retries and timers queue behind
-            // the reader on the same serial queue, and must not starve while other threads keep faulting.
+            // Polling yields at once to work queued behind the reader (provider completions, retries, timers share
+            // this serial queue), and never holds the queue longer than this budget even while faults keep coming.
             let pollBudgetEnd = window > 0 ? monotonicNanoseconds() &+ Self.pollingBudgetNanoseconds : 0
             while true {
                 let count = Glibc.read(lease.descriptor, buffers.bytes.baseAddress, buffers.bytes.count)
@@ -132,7 +133,10 @@ final class EventReader: Sendable {
                     if error == EINTR { continue }
                     if error == EAGAIN {
                         // Nothing queued: poll a little longer (see `attach`), then leave it to the Dispatch source.
-                        if window > 0, pollUntil > 0, monotonicNanoseconds() < pollUntil, !lease.isClosed { continue }
+                        // Stop as soon as work is queued behind the reader: provider completions, retries and
+                        // timers run on this queue, and polling must never delay them.
+                        if window > 0, pollUntil > 0, monotonicNanoseconds() < pollUntil, !executor.hasQueuedWork,
+                           !lease.isClosed { continue }
                         return
                     }
                     fail(sink, UserfaultError(operation: .readEvents, errno: error))
@@ -152,7 +156,7 @@ final class EventReader: Sendable {
                 sink.receive(&buffers.batch)
                 // A short read means the queue is empty; the source fires again when more arrive, unless polling.
                 if messages < Self.batchCapacity {
-                    guard window > 0 else { return }
+                    guard window > 0, !executor.hasQueuedWork else { return }
                     let now = monotonicNanoseconds()
                     guard now < pollBudgetEnd else { return }
                     pollUntil = min(now &+ window, pollBudgetEnd)

@@ -1,15 +1,22 @@
 import Dispatch
+import Synchronization
 
 /// A serial executor and task executor that runs jobs on one Dispatch queue.
 ///
 /// Every userfaultfd's event reader runs on such a queue. Actors that resolve its faults use it as their serial executor
 /// and provider tasks prefer it (or another one owned by the library), so resolution never needs a thread of Swift's
 /// cooperative pool, whose threads may all be blocked on faults. (Linux has no `DispatchSerialQueue` executor.)
+///
+/// The executor counts the work queued on it (jobs and the blocks submitted with ``async(_:)`` and
+/// ``asyncAfter(_:_:)``), so the event reader, which runs on the same queue, can stop polling the userfaultfd as soon
+/// as anything waits behind it.
 public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Sendable {
-    // @unchecked: the only stored property is an immutable DispatchQueue, which is thread-safe.
+    // @unchecked: the stored properties are an immutable DispatchQueue and an atomic counter, both thread-safe.
 
     /// The queue jobs run on.
     public let queue: DispatchQueue
+    /// Jobs and blocks submitted but not yet started.
+    private let queued = Atomic<Int>(0)
 
     /// Creates an executor over a new serial queue.
     public init(label: String, qos: DispatchQoS = .userInitiated) {
@@ -18,9 +25,32 @@ public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Senda
 
     public func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
+        queued.add(1, ordering: .relaxed)
         queue.async {
+            self.queued.subtract(1, ordering: .relaxed)
             job.runSynchronously(isolatedTo: self.asUnownedSerialExecutor(), taskExecutor: self.asUnownedTaskExecutor())
         }
+    }
+
+    /// Runs `body` on the queue, counted as queued work until it starts.
+    func async(_ body: @escaping @Sendable () -> Void) {
+        queued.add(1, ordering: .relaxed)
+        queue.async {
+            self.queued.subtract(1, ordering: .relaxed)
+            body()
+        }
+    }
+
+    /// Runs `body` on the queue after `delay`; counted as queued work from the deadline on, not while it waits.
+    func asyncAfter(_ delay: Duration, _ body: @escaping @Sendable () -> Void) {
+        DispatchQueue.global(qos: .userInitiated).asyncAfter(deadline: .now() + delay.timeInterval) {
+            self.async(body)
+        }
+    }
+
+    /// Whether work is queued behind the block running now (a racy snapshot: exact enough to stop polling).
+    var hasQueuedWork: Bool {
+        queued.load(ordering: .relaxed) > 0
     }
 
     public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
@@ -29,5 +59,13 @@ public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Senda
 
     public func checkIsolated() {
         dispatchPrecondition(condition: .onQueue(queue))
+    }
+}
+
+extension Duration {
+    /// As a Dispatch time interval.
+    var timeInterval: DispatchTimeInterval {
+        let (seconds, attoseconds) = components
+        return .nanoseconds(Int(min(seconds, Int64(Int.max / 1_000_000_000))) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
     }
 }

@@ -162,7 +162,7 @@ extension FaultResolver {
             // The attempt number identifies this read: an earlier attempt that failed (without bumping the generation)
             // must not time out a retry with its stale timer.
             let attempt = fetch.attempts
-            executor.queue.asyncAfter(deadline: .now() + timeout.timeInterval) { [weak self] in
+            executor.asyncAfter(timeout) { [weak self] in
                 self?.assumeIsolated { $0.readTimedOut(id: id, generation: generation, attempt: attempt, timeout: timeout) }
             }
         }
@@ -226,7 +226,7 @@ extension FaultResolver {
         let permanent = (error as? any ProviderFailure)?.isPermanent ?? false
         if !isCancelled, !fetch.invalidated, !permanent, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
             let id = fetch.id, generation = fetch.generation
-            executor.queue.asyncAfter(deadline: .now() + delay.timeInterval) { [weak self] in
+            executor.asyncAfter(delay) { [weak self] in
                 self?.assumeIsolated { resolver in
                     guard let fetch = resolver.fetches[id], fetch.generation == generation else { return }
                     if resolver.activeReads >= resolver.options.maxConcurrentReads {
@@ -383,7 +383,7 @@ extension FaultResolver {
     private func scheduleDeferredRetry() {
         guard !deferredRetryScheduled else { return }
         deferredRetryScheduled = true
-        executor.queue.asyncAfter(deadline: .now() + .microseconds(200)) { [weak self] in
+        executor.asyncAfter(.microseconds(200)) { [weak self] in
             self?.assumeIsolated { resolver in
                 resolver.deferredRetryScheduled = false
                 if !resolver.deferred.isEmpty || !resolver.deferredUnprotects.isEmpty { resolver.retryDeferred() }
@@ -461,13 +461,5 @@ extension FaultResolver {
         fetch.completions.removeAll(keepingCapacity: true)
         fetch.task = nil
         if spareFetches.count < Self.spareFetchLimit { spareFetches.append(fetch) }
-    }
-}
-
-extension Duration {
-    /// As a Dispatch time interval.
-    var timeInterval: DispatchTimeInterval {
-        let (seconds, attoseconds) = components
-        return .nanoseconds(Int(min(seconds, Int64(Int.max / 1_000_000_000))) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
     }
 }

@@ -252,7 +252,7 @@ public actor DirtyTracker {
     private func scheduleRetry() {
         guard !retryScheduled else { return }
         retryScheduled = true
-        uffd.eventExecutor.queue.asyncAfter(deadline: .now() + .microseconds(200)) { [weak self] in
+        uffd.eventExecutor.asyncAfter(.microseconds(200)) { [weak self] in
             self?.assumeIsolated { tracker in
                 tracker.retryScheduled = false
                 tracker.retryUnprotect()
