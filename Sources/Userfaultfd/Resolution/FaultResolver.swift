@@ -355,13 +355,9 @@ public actor FaultResolver {
             unprotect(page)
             return
         case .minor:
-            // The page is in the page cache already (filled by another mapping of the file): map it, no provider read.
             counters.withLock { $0.minorFaults += 1 }
-            do {
-                try uffd.continue(page)
-            } catch {
-                try? uffd.wake(page)
-            }
+            mapFromPageCache(fault, page: page)
+            counters.withLock { $0.latency.record(nanoseconds: monotonicNanoseconds() &- readAt) }
             return
         }
         guard let segment = segments.first(where: { $0.range.contains(fault.address) }) else {
@@ -425,6 +421,40 @@ public actor FaultResolver {
             let fetch = makeFetch(region: region, segment: segment, pages: ahead)
             fetch.isReadahead = true
             start(fetch)
+        }
+    }
+
+    /// A MINOR fault: the page is in the shared file's page cache already (filled through another mapping of the file),
+    /// only not mapped here. Maps it with `UFFDIO_CONTINUE`, no provider read — together with the pages after it that
+    /// readahead would bring in, so a sequential reader takes one fault per window, not per page. CONTINUE stops at the
+    /// first page that is not in the page cache (it faults later as MISSING and goes to the provider).
+    private func mapFromPageCache(_ fault: PageFault, page: MemoryRange) {
+        if let segment = segments.first(where: { $0.range.contains(fault.address) }), segment.region.sharedFile != nil {
+            let region = segment.region
+            let index = segment.page(at: fault.address)
+            if region.isFree(index) {
+                let cluster = region.cluster(for: index, within: segment.pages, readahead: options.readahead,
+                                             maximumPages: pool.bufferSize / region.pageSize)
+                let pages = index..<max(index + 1, cluster.upperBound)
+                let range = MemoryRange(start: segment.address(of: index), length: pages.count * region.pageSize)
+                do throws(UserfaultError) {
+                    try uffd.continue(range)
+                    region.present.set(pages, to: true)
+                    return
+                } catch {
+                    if case .tryAgain(let done) = error.code, done >= region.pageSize {
+                        // Mapped up to a page that is not in the page cache (or an event came first): the faulting
+                        // page is mapped and its thread woken.
+                        region.present.set(index..<index + done / region.pageSize, to: true)
+                        return
+                    }
+                }
+            }
+        }
+        do {
+            try uffd.continue(page)
+        } catch {
+            try? uffd.wake(page)
         }
     }
 

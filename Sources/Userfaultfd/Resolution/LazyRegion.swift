@@ -53,16 +53,29 @@ public final class LazyRegion: Sendable {
     ///
     /// - Parameters:
     ///   - backing: anonymous memory (default) or a shared-memory file (MINOR faults, ``Backing/sharedMemory``).
+    ///   - sharedFile: with ``Backing/sharedMemory``, map this file instead of a new one — typically another region's
+    ///     ``sharedFile`` (a second VM restoring the same snapshot): pages already in its page cache are mapped on first
+    ///     touch with MINOR faults and `UFFDIO_CONTINUE`, the provider is asked only for the others. At least `length`
+    ///     bytes long.
     ///   - tracking: also register for write protection and install pages write-protected, so that a ``DirtyTracker``
     ///     made with ``DirtyTracker/init(region:)`` can report the pages written (with this engine).
     /// - Throws: ``UserfaultError`` when the length is not positive, or the mapping, userfaultfd or registration fails
     ///   (``UserfaultError/Code/unsupportedFeatures(_:)`` when the kernel lacks what the backing or tracking needs).
     public init(
         length: Int, provider: any PageProvider, options: FaultResolver.Options = .init(),
-        backing: Backing = .anonymous, tracking: DirtyTracker.Engine? = nil
+        backing: Backing = .anonymous, tracking: DirtyTracker.Engine? = nil, sharedFile existingFile: SharedMemoryFile? = nil
     ) async throws {
         guard length > 0 else {
             throw UserfaultError(.invalidArgument, operation: .register, detail: "a LazyRegion needs a positive length, got \(length)")
+        }
+        if let existingFile {
+            guard backing == .sharedMemory else {
+                throw UserfaultError(.invalidArgument, operation: .register, detail: "a shared file needs backing .sharedMemory")
+            }
+            guard existingFile.length >= length else {
+                throw UserfaultError(.invalidArgument, operation: .register,
+                                     detail: "the shared file holds \(existingFile.length) bytes, the region needs \(length)")
+            }
         }
         var required: UserfaultFeatures = []
         // REMOVE events: a page given back with MADV_DONTNEED faults again, and the resolver must know it is gone
@@ -83,10 +96,11 @@ public final class LazyRegion: Sendable {
             mode.insert(.writeProtect)
             options.installWriteProtected = true
         }
-        let file = backing == .sharedMemory ? try SharedMemoryFile(length: length, name: "LazyRegion") : nil
+        let file = backing == .sharedMemory ? try existingFile ?? SharedMemoryFile(length: length, name: "LazyRegion") : nil
         if let file {
+            let mappedLength = existingFile == nil ? file.length : (length + systemPageSize - 1) & ~(systemPageSize - 1)
             mapping = RegionMapping(owning: MemoryRange(
-                start: try SharedMemoryFile.mapShared(descriptor: file.fileDescriptor, length: file.length), length: file.length))
+                start: try SharedMemoryFile.mapShared(descriptor: file.fileDescriptor, length: mappedLength), length: mappedLength))
         } else {
             mapping = try RegionMapping.anonymous(length: length, noReserve: true)
         }
@@ -123,9 +137,11 @@ public final class LazyRegion: Sendable {
         options: FaultResolver.Options = .init(),
         backing: Backing = .anonymous,
         tracking: DirtyTracker.Engine? = nil,
+        sharedFile: SharedMemoryFile? = nil,
         _ body: (LazyRegion) async throws -> Result
     ) async throws -> Result {
-        let region = try await LazyRegion(length: length, provider: provider, options: options, backing: backing, tracking: tracking)
+        let region = try await LazyRegion(length: length, provider: provider, options: options, backing: backing,
+                                          tracking: tracking, sharedFile: sharedFile)
         do {
             let result = try await withTaskCancellationHandler {
                 try await body(region)
