@@ -249,25 +249,7 @@ extension FaultResolver {
             return
         }
         // Resolve only the pages threads wait on; the rest of the cluster stays missing and is asked for again later.
-        for page in Set(fetch.waiters.map(\.page)).sorted() {
-            let range = fetch.range(ofPage: page)
-            switch terminal {
-            case .poison:
-                if (try? uffd.poison(range)) != nil {
-                    counters.withLock { $0.pagesPoisoned += 1 }
-                    fetch.region.present[page] = true
-                } else {
-                    try? uffd.wake(range)
-                }
-            default:
-                if (try? fillWithZeros(range, of: fetch.region)) != nil {
-                    counters.withLock { $0.zeroPages += 1 }
-                    fetch.region.present[page] = true
-                } else {
-                    try? uffd.wake(range)
-                }
-            }
-        }
+        releaseWaiters(of: fetch, with: WaiterRelease(terminal))
         finishFetch(fetch, error: failure)
     }
 
@@ -405,21 +387,39 @@ extension FaultResolver {
         }
     }
 
-    func resolveWaitersOnCancel(_ fetch: Fetch) {
-        for page in Set(fetch.waiters.map(\.page)).sorted() where !fetch.region.present[page] {
+    /// Lets the threads waiting on a fetch go on without its data: each page they wait on is released with zeros or
+    /// poison, or just woken when it is present already.
+    func releaseWaiters(of fetch: Fetch, with release: WaiterRelease) {
+        for page in Set(fetch.waiters.map(\.page)).sorted() {
             let range = fetch.range(ofPage: page)
-            switch options.cancellation {
-            case .zeroFill:
-                if (try? fillWithZeros(range, of: fetch.region)) != nil { fetch.region.present[page] = true } else { try? uffd.wake(range) }
-            case .poison:
-                if (try? uffd.poison(range)) != nil {
-                    fetch.region.present[page] = true
-                    counters.withLock { $0.pagesPoisoned += 1 }
-                } else {
-                    try? uffd.wake(range)
-                }
+            if fetch.region.present[page] {
+                try? uffd.wake(range)
+            } else if self.release(range, of: fetch.region, with: release) {
+                fetch.region.present[page] = true
             }
         }
+    }
+
+    /// Resolves `range` with zeros or poison, counted in the statistics (``ResolverStatistics/zeroPages``,
+    /// ``ResolverStatistics/pagesPoisoned``), so that the threads waiting on it go on. When that fails — the page is
+    /// there already, or the range is gone — wakes them instead: they fault again and get a fresh resolution.
+    /// - Returns: whether the page was resolved (is now present).
+    @discardableResult
+    func release(_ range: MemoryRange, of region: ServedRegion?, with release: WaiterRelease) -> Bool {
+        switch release {
+        case .zeros:
+            if (try? fillWithZeros(range, of: region)) != nil {
+                counters.withLock { $0.zeroPages += range.length / (region?.pageSize ?? pageSize) }
+                return true
+            }
+        case .poison:
+            if (try? uffd.poison(range)) != nil {
+                counters.withLock { $0.pagesPoisoned += range.length / (region?.pageSize ?? pageSize) }
+                return true
+            }
+        }
+        try? uffd.wake(range)
+        return false
     }
 
     /// Zero-fills missing pages: with the shared zero page, or by copying zeros where the memory has none (hugetlbfs)

@@ -227,7 +227,7 @@ public actor FaultResolver {
             fetch.generation += 1
             deferred.removeAll { $0 == id }
             if fetch.reading { activeReads -= 1 }
-            resolveWaitersOnCancel(fetch)
+            releaseWaiters(of: fetch, with: WaiterRelease(options.cancellation))
             finishFetch(fetch, error: CancellationError())
         }
     }
@@ -362,7 +362,8 @@ public actor FaultResolver {
         }
         guard let segment = segments.first(where: { $0.range.contains(fault.address) }) else {
             counters.withLock { $0.unservedFaults += 1 }
-            wakeWithZeroPage(page, of: nil)
+            // Nobody serves it: a zero page, so that its thread does not hang.
+            release(page, of: nil, with: .zeros)
             return
         }
         let region = segment.region
@@ -390,7 +391,7 @@ public actor FaultResolver {
             region.present[index] = false
         }
         if isCancelled {
-            resolveCancelled(regionPage, of: region)
+            if release(regionPage, of: region, with: WaiterRelease(options.cancellation)) { region.present[index] = true }
             return
         }
         if region.removed[index] {
@@ -493,27 +494,6 @@ public actor FaultResolver {
         }
     }
 
-    /// A zero page for a fault nobody serves, so that its thread does not hang.
-    private func wakeWithZeroPage(_ page: MemoryRange, of region: ServedRegion?) {
-        do {
-            try fillWithZeros(page, of: region)
-        } catch {
-            try? uffd.wake(page)
-        }
-    }
-
-    private func resolveCancelled(_ page: MemoryRange, of region: ServedRegion) {
-        switch options.cancellation {
-        case .zeroFill:
-            wakeWithZeroPage(page, of: region)
-        case .poison:
-            if (try? uffd.poison(page)) != nil {
-                counters.withLock { $0.pagesPoisoned += 1 }
-            } else {
-                try? uffd.wake(page)
-            }
-        }
-    }
 
     private func report(decodeError error: UserfaultError) {
         errorChannel.continuation.yield(RegionError(

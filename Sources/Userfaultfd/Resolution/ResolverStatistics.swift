@@ -4,7 +4,8 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     public var faults = 0
     /// Pages filled by copy.
     public var pagesCopied = 0
-    /// Pages resolved with the zero page.
+    /// Pages resolved with zeros: past the provider's data, removed under the zero-fill policy, left without data by
+    /// the failure policy or cancellation, or faulted outside any served range.
     public var zeroPages = 0
     /// Bytes copied into the region.
     public var bytesCopied = 0
