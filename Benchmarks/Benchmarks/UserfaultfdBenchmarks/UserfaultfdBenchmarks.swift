@@ -226,6 +226,60 @@ let benchmarks: @Sendable () -> Void = {
         p4Reference = nil
     }
 
+    // P4m: a memfd holding 256 MiB (a snapshot another VM already restored), mapped by a shared-memory LazyRegion over
+    // it — MINOR faults + UFFDIO_CONTINUE, a readahead window per fault — vs mmap(2) of the same memfd.
+    nonisolated(unsafe) var p4Memfd: SharedMemoryFile?
+    func touchMemfd(_ benchmark: Benchmark, through map: (SharedMemoryFile) async throws -> (UInt, () async -> Void)) async {
+        guard let memfd = p4Memfd else { return benchmark.error("P4m: no memfd") }
+        let mapped: (UInt, () async -> Void)
+        do {
+            mapped = try await map(memfd)
+        } catch {
+            return benchmark.error("P4m: \(error)")
+        }
+        let (base, release) = mapped
+        let workers = Workers { _ in touch(base, p4Size, CBASELINE_TOUCH_ONE_BYTE_PER_PAGE) }
+        let start = DispatchTime.now().uptimeNanoseconds
+        benchmark.startMeasurement()
+        workers.run()
+        benchmark.stopMeasurement()
+        let elapsed = DispatchTime.now().uptimeNanoseconds - start
+        workers.shutdown()
+        await release()
+        benchmark.measurement(megabytesPerSecond, Int(Double(p4Size) / Double(elapsed) * 1e3))
+    }
+    func fillMemfd() throws {
+        let memfd = try SharedMemoryFile(length: p4Size, name: "uffd-benchmarks-p4m")
+        let view = try memfd.map()
+        memset(UnsafeMutableRawPointer(bitPattern: view.address)!, 0x5a, p4Size)
+        view.unmap()
+        p4Memfd = memfd
+    }
+    let p4mConfiguration = Benchmark.Configuration(
+        metrics: [.wallClock, .mallocCountTotal, megabytesPerSecond], warmupIterations: 1, scalingFactor: .one,
+        maxDuration: .seconds(5), maxIterations: 5)
+    Benchmark("P4m library: 256 MiB memfd via a shared-memory LazyRegion (MINOR + CONTINUE), 1 byte/page",
+              configuration: p4mConfiguration) { benchmark in
+        await touchMemfd(benchmark) { memfd in
+            let region = try await LazyRegion(length: p4Size, provider: ZeroProvider(), backing: .sharedMemory, sharedFile: memfd)
+            return (UInt(bitPattern: region.baseAddress), { await region.close() })
+        }
+    } setup: {
+        try fillMemfd()
+    } teardown: {
+        p4Memfd = nil
+    }
+    Benchmark("P4m reference: mmap(2) of the same 256 MiB memfd, 1 byte/page", configuration: p4mConfiguration) { benchmark in
+        await touchMemfd(benchmark) { memfd in
+            let view = try memfd.map()
+            return (view.address, { view.unmap() })
+        }
+    } setup: {
+        try fillMemfd()
+    } teardown: {
+        p4Memfd = nil
+    }
+
     // P5: 64 GiB sparse region, 100 k random pages; the resident memory the library adds beyond those pages.
     let rssBeyond = BenchmarkMetric.custom("RSS beyond touched pages (KiB)", polarity: .prefersSmaller, useScalingFactor: false)
     let pageTables = BenchmarkMetric.custom("page tables VmPTE growth (KiB)", polarity: .prefersSmaller, useScalingFactor: false)
