@@ -53,7 +53,7 @@ let package = Package(
         // A stand-in for a Firecracker VMM, run as a child process by the page-server tests.
         .executableTarget(
             name: "uffd-fake-vmm",
-            dependencies: ["Userfaultfd"],
+            dependencies: ["Userfaultfd", "CUserfaultfdTestSupport"],
             path: "Tests/FakeVMM",
             swiftSettings: strictConcurrency
         ),

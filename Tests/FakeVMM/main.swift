@@ -12,8 +12,10 @@
 // Exit status: 0 success (for rejection modes: the handler closed the connection), 1 content mismatch, 2 usage or
 // setup error, 3 the handler did not react as expected.
 
+import CUserfaultfdTestSupport
 import Foundation
 import Glibc
+import Synchronization
 import Userfaultfd
 
 func fail(_ status: Int32, _ message: String) -> Never {
@@ -95,9 +97,32 @@ func expectRejection() -> Never {
     exit(0)
 }
 
+if mode == "exit-with-pending" {
+    // Fault on a few pages from other threads before the handler has the userfaultfd, so that the faults are certainly
+    // pending (queued, unread) when this process hands it over and exits at once: the handler must cope with a VM that
+    // vanished with faults outstanding (its resolving ioctls then fail with ESRCH).
+    let returned = Mutex(0)
+    for index in 0..<4 {
+        Thread {
+            _ = cuffd_test_read_byte(UnsafeRawPointer(bitPattern: bases[0] + UInt(index * pageSize)))
+            returned.withLock { $0 += 1 }
+        }.start()
+    }
+    usleep(50_000)
+    guard returned.withLock({ $0 }) == 0 else { fail(2, "a fault returned before the handler had the userfaultfd") }
+    do {
+        try uffd.send(over: connection, payload: body())
+    } catch {
+        fail(2, "send: \(error)")
+    }
+    print("EXITING pending=4")
+    fflush(nil)  // _exit skips stdio's buffers: flush them all
+    _exit(0)
+}
+
 do {
     switch mode {
-    case "normal", "garbage-after", "exit-with-pending", "balloon", "fault-forever":
+    case "normal", "garbage-after", "balloon", "fault-forever":
         try uffd.send(over: connection, payload: body())
     case "legacy-fields":
         try uffd.send(over: connection, payload: body { _, region in
@@ -141,19 +166,6 @@ do {
 
 if mode == "garbage-after" {
     try? connection.send(Array("\u{0}garbage after the handshake\u{ff}".utf8) + [0xde, 0xad, 0xbe, 0xef])
-}
-
-if mode == "exit-with-pending" {
-    // Fault on a few pages from other threads and exit without waiting: the handler must cope with a vanished VM.
-    for index in 0..<4 {
-        Thread {
-            _ = UnsafePointer<UInt8>(bitPattern: bases[0] + UInt(index * pageSize))!.pointee
-        }.start()
-    }
-    usleep(1000)
-    print("EXITING")
-    fflush(nil)  // _exit skips stdio's buffers: flush them all
-    _exit(0)
 }
 
 if mode == "fault-forever" {
