@@ -15,15 +15,18 @@ public struct BenchCommand: Sendable {
     public var quick: Bool
     /// Only these ids (P1…P5, or a row id such as P2b); all when nil.
     public var only: Set<String>?
+    /// The resolver's polling window in the library runs (``FaultResolver/Options/pollingWindow``; its default when nil).
+    public var pollingWindow: Duration?
     /// Progress on stderr.
     public var showProgress: Bool
     /// Where the table goes.
     public var log: @Sendable (String) -> Void
 
-    public init(quick: Bool = false, only: Set<String>? = nil, showProgress: Bool = true,
+    public init(quick: Bool = false, only: Set<String>? = nil, pollingWindow: Duration? = nil, showProgress: Bool = true,
                 log: @escaping @Sendable (String) -> Void = { print($0) }) {
         self.quick = quick
         self.only = only
+        self.pollingWindow = pollingWindow
         self.showProgress = showProgress
         self.log = log
     }
@@ -50,9 +53,9 @@ public struct BenchCommand: Sendable {
         var rows: [Row] = []
         var details: [String] = []
         let started = ContinuousClock.now
-        for group in Self.groups where selected(group) {
+        for group in Self.groups where only == nil || only!.contains(where: { $0.hasPrefix(group) }) {
             let (groupRows, groupDetails) = try await runGroup(group)
-            rows += groupRows.filter { selected($0.id) || selected(group) }
+            rows += groupRows.filter { selected($0.id) }
             details += groupDetails
         }
         clearProgress()
@@ -70,7 +73,8 @@ public struct BenchCommand: Sendable {
 
     private func selected(_ id: String) -> Bool {
         guard let only else { return true }
-        return only.contains(id) || only.contains(String(id.prefix(2)))
+        // A group (P2) selects its rows (P2a…), a row id (P2A: ids are compared uppercased) itself.
+        return only.contains(id.uppercased()) || only.contains(String(id.prefix(2)))
     }
 
     private func runGroup(_ group: String) async throws -> ([Row], [String]) {
@@ -90,20 +94,20 @@ public struct BenchCommand: Sendable {
         let pages = quick ? 4096 : 16384
         let pageSize = systemPageSize
         progress("P1: warming up")
-        _ = try await Self.touchLazyRegion(pages: 256, provider: MemoryProvider(repeatElement(0x5A, count: 256 * pageSize)),
+        _ = try await touchLazyRegion(pages: 256, provider: MemoryProvider(repeatElement(0x5A, count: 256 * pageSize)),
                                            readahead: .none, workload: CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
         _ = try await Self.cReference(pages: 256, perCopy: 1, workload: CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
 
         progress("P1: library, \(pages) pages, one page per fault")
         let provider = MemoryProvider(repeatElement(0x5A, count: pages * pageSize))
-        let library = try await Self.touchLazyRegion(pages: pages, provider: provider, readahead: .none,
+        let library = try await touchLazyRegion(pages: pages, provider: provider, readahead: .none,
                                                      workload: CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
         progress("P1: C poll loop, \(pages) pages, one page per COPY")
         let reference = try await Self.cReference(pages: pages, perCopy: 1, workload: CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
 
         let latency = library.statistics.latency
         let rows = [
-            Row(id: "P1", workload: "\(kiPages(pages)) pages touched once, 1 thread, MemoryProvider, readahead none, polling 50 µs",
+            Row(id: "P1", workload: "\(kiPages(pages)) pages touched once, 1 thread, MemoryProvider, readahead none, polling \(pollingLabel)",
                 library: format(nsPerPage: library.nsPerPage), reference: "C poll loop 1 page/COPY: " + format(nsPerPage: reference.ns_per_page),
                 ratio: reference.ns_per_page / library.nsPerPage, goal: "round trip ≤ 1.10× C (≥ 0.91×)",
                 met: reference.ns_per_page / library.nsPerPage >= 1 / 1.10),
@@ -124,9 +128,9 @@ public struct BenchCommand: Sendable {
         let bytes = Double(pages * systemPageSize)
         let workload = CBASELINE_READ_EVERY_BYTE
         progress("P2a: library, ZeroProvider, readahead none, \(pages) pages")
-        let none = try await Self.touchLazyRegion(pages: pages, provider: ZeroProvider(), readahead: .none, workload: workload)
+        let none = try await touchLazyRegion(pages: pages, provider: ZeroProvider(), readahead: .none, workload: workload)
         progress("P2b: library, ZeroProvider, default readahead, \(pages) pages")
-        let adaptive = try await Self.touchLazyRegion(pages: pages, provider: ZeroProvider(), readahead: .default, workload: workload)
+        let adaptive = try await touchLazyRegion(pages: pages, provider: ZeroProvider(), readahead: .default, workload: workload)
         var references: [Int: CRun] = [:]
         for perCopy in [1, 16, 64] {
             progress("P2: C poll loop, \(perCopy) page(s) per COPY, \(pages) pages")
@@ -134,7 +138,7 @@ public struct BenchCommand: Sendable {
         }
         func rate(_ ns: Double) -> Double { bytes / ns * 1e3 }  // MB/s
         let c1 = references[1]!, c16 = references[16]!, c64 = references[64]!
-        let what = "\(kiPages(pages)) pages, ZeroProvider, every byte read, polling 50 µs"
+        let what = "\(kiPages(pages)) pages, ZeroProvider, every byte read, polling \(pollingLabel)"
         let rows = [
             Row(id: "P2a", workload: what + ", readahead none", library: format(mbps: rate(none.nanoseconds)),
                 reference: "C 1 page/COPY: " + format(mbps: rate(c1.nanoseconds)), ratio: c1.nanoseconds / none.nanoseconds,
@@ -171,7 +175,7 @@ public struct BenchCommand: Sendable {
             return .bytes(8)
         }
         progress("P3: library, \(threads) threads, provider awaits 2 ms, \(pages) faults")
-        let region = try await LazyRegion(length: pages * systemPageSize, provider: provider, options: .init(readahead: .none))
+        let region = try await LazyRegion(length: pages * systemPageSize, provider: provider, options: options(readahead: .none))
         let base = UInt(bitPattern: region.baseAddress)
         let pageSize = systemPageSize
         let elapsed = await Self.onThreads(threads) { thread in
@@ -211,7 +215,7 @@ public struct BenchCommand: Sendable {
         defer { unlink(path) }
 
         progress("P4: library, FileProvider, default readahead, \(size >> 20) MiB")
-        let library = try await Self.touchLazyRegion(pages: pages, provider: try FileProvider(path: path), readahead: .default,
+        let library = try await touchLazyRegion(pages: pages, provider: try FileProvider(path: path), readahead: .default,
                                                      workload: CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
         progress("P4: plain anonymous first touch, \(size >> 20) MiB")
         let reference = await DedicatedThread.run { () -> CRun in
@@ -226,13 +230,14 @@ public struct BenchCommand: Sendable {
         // those pages (MINOR faults + CONTINUE). Its reference is mmap(2) of the same memfd, the kernel mapping the
         // same pages by itself.
         progress("P4m: shared-memory LazyRegion filling a memfd from the file (MISSING + CONTINUE), \(size >> 20) MiB")
-        let first = try await LazyRegion(length: size, provider: try FileProvider(path: path), backing: .sharedMemory)
+        let first = try await LazyRegion(length: size, provider: try FileProvider(path: path), options: options(), backing: .sharedMemory)
         let firstTouch = await Self.touch(first, CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
         let firstStatistics = first.statistics
         guard let memfd = first.sharedFile else { throw ToolError("a shared-memory LazyRegion without its file") }
         await first.close()
         progress("P4m: a second shared-memory LazyRegion over the filled memfd (MINOR + CONTINUE), \(size >> 20) MiB")
-        let second = try await LazyRegion(length: size, provider: ZeroProvider(), backing: .sharedMemory, sharedFile: memfd)
+        let second = try await LazyRegion(length: size, provider: ZeroProvider(), options: options(), backing: .sharedMemory,
+                                          sharedFile: memfd)
         let minorTouch = await Self.touch(second, CBASELINE_TOUCH_ONE_BYTE_PER_PAGE)
         let minorStatistics = second.statistics
         await second.close()
@@ -261,6 +266,19 @@ public struct BenchCommand: Sendable {
                 ratio: firstRate / libraryRate, goal: "—", met: nil),
         ]
         return (rows, ["P4 library: \(library.statistics)", "P4s library: \(firstStatistics)", "P4m library: \(minorStatistics)"])
+    }
+
+    /// The polling window, for the table.
+    var pollingLabel: String {
+        let window = options().pollingWindow
+        return window == .zero ? "off" : "\(window.components.attoseconds / 1_000_000_000_000 + window.components.seconds * 1_000_000) µs"
+    }
+
+    /// Resolver options for the library runs: the default, with `readahead` and the chosen polling window.
+    func options(readahead: ReadaheadPolicy = .default) -> FaultResolver.Options {
+        var options = FaultResolver.Options(readahead: readahead)
+        if let pollingWindow { options.pollingWindow = pollingWindow }
+        return options
     }
 
     /// Nanoseconds for one dedicated thread to touch all of `region` in order with the C reference's loop.
@@ -292,7 +310,7 @@ public struct BenchCommand: Sendable {
 
         progress("P5: library, \(length >> 30) GiB region, \(touches) random pages")
         let before = ProcessMemory.read()
-        let region = try await LazyRegion(length: length, provider: provider, options: .init(readahead: .none))
+        let region = try await LazyRegion(length: length, provider: provider, options: options(readahead: .none))
         let base = UInt(bitPattern: region.baseAddress)
         let elapsed = await Self.onThreads(1) { _ in
             var sum: UInt64 = 0
@@ -331,11 +349,11 @@ public struct BenchCommand: Sendable {
     }
 
     /// A LazyRegion of `pages` pages touched in order by one dedicated thread with the C reference's loop.
-    static func touchLazyRegion(pages: Int, provider: any PageProvider, readahead: ReadaheadPolicy,
-                                workload: cbaseline_workload) async throws -> LibraryRun {
+    func touchLazyRegion(pages: Int, provider: any PageProvider, readahead: ReadaheadPolicy,
+                         workload: cbaseline_workload) async throws -> LibraryRun {
         let length = pages * systemPageSize
-        let region = try await LazyRegion(length: length, provider: provider, options: .init(readahead: readahead))
-        let elapsed = await touch(region, workload)
+        let region = try await LazyRegion(length: length, provider: provider, options: options(readahead: readahead))
+        let elapsed = await Self.touch(region, workload)
         let statistics = region.statistics
         await region.close()
         return LibraryRun(nanoseconds: elapsed, nsPerPage: elapsed / Double(pages), statistics: statistics)

@@ -23,8 +23,10 @@ public enum UffdCommand {
                                          dirty tracking: writes at random into a region each round and prints the
                                          dirty page ranges a DirtyTracker reports, checked against what was written
       features                           the features and ioctls this kernel offers
-      bench [--quick] [--only P1,P2,...]  benchmarks P1–P5: the library against the C poll/read/COPY handler of
-                                         userfaultfd(2) in the same run (build with -c release)
+      bench [--quick] [--only P1,P2,...] [--polling-us N]
+                                         benchmarks P1–P5: the library against the C poll/read/COPY handler of
+                                         userfaultfd(2) in the same run (build with -c release); --polling-us sets
+                                         the reader's polling window (default 50, 0 turns it off)
       help                               this text
     """
 
@@ -92,11 +94,17 @@ public enum UffdCommand {
                 let only = try arguments.value("--only").map { text in
                     Set(text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).uppercased() })
                 }
+                let polling = try arguments.value("--polling-us").map { text -> Duration in
+                    guard let microseconds = Int(text), microseconds >= 0 else {
+                        throw ToolError("--polling-us takes a number of microseconds (0: off), not '\(text)'")
+                    }
+                    return .microseconds(microseconds)
+                }
                 try arguments.finish()
                 if let only, let unknown = only.first(where: { id in !BenchCommand.groups.contains(where: { id.hasPrefix($0) }) }) {
                     throw ToolError("--only takes ids among \(BenchCommand.groups.joined(separator: ",")), not '\(unknown)'")
                 }
-                try await BenchCommand(quick: quick, only: only).run()
+                try await BenchCommand(quick: quick, only: only, pollingWindow: polling).run()
             case "help", "--help", "-h":
                 print(usage)
             default:

@@ -133,10 +133,7 @@ final class EventReader: Sendable {
                     if error == EINTR { continue }
                     if error == EAGAIN {
                         // Nothing queued: poll a little longer (see `attach`), then leave it to the Dispatch source.
-                        // Stop as soon as work is queued behind the reader: provider completions, retries and
-                        // timers run on this queue, and polling must never delay them.
-                        if window > 0, pollUntil > 0, monotonicNanoseconds() < pollUntil, !executor.hasQueuedWork,
-                           !lease.isClosed { continue }
+                        if window > 0, pollUntil > 0, waitReadable(until: pollUntil) { continue }
                         return
                     }
                     fail(sink, UserfaultError(operation: .readEvents, errno: error))
@@ -163,6 +160,20 @@ final class EventReader: Sendable {
                 }
             }
         }
+    }
+
+    /// Polls the descriptor until a message is pending (true) or `deadline` passes, work is queued behind the reader
+    /// (provider completions, retries and timers run on this queue, and polling must never delay them) or the
+    /// descriptor is closed (false).
+    ///
+    /// `poll(2)` with a zero timeout only looks whether a fault is pending, without taking the locks of the fault queue
+    /// that a `read(2)` returning `EAGAIN` takes — locks the faulting threads need to queue their faults.
+    private func waitReadable(until deadline: UInt64) -> Bool {
+        var descriptor = pollfd(fd: lease.descriptor, events: Int16(POLLIN), revents: 0)
+        while monotonicNanoseconds() < deadline, !executor.hasQueuedWork, !lease.isClosed {
+            if poll(&descriptor, 1, 0) > 0 { return true }
+        }
+        return false
     }
 
     private func decode(_ message: UnsafeRawBufferPointer) -> Result<FaultEvent, UserfaultError> {
