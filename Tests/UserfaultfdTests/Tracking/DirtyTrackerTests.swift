@@ -157,9 +157,15 @@ struct DirtyTrackerTests {
         let pageCount = 16
         let features: UserfaultFeatures = engine == .asyncScan ? [.pagefaultFlagWP, .wpAsync, .wpUnpopulated] : [.pagefaultFlagWP, .wpUnpopulated]
         try await withFaultWatchdog(seconds: 30) { scope in
-            var commandFD: Int32 = -1, replyFD: Int32 = -1
-            let pid = cuffd_test_spawn_tracked_child(pageCount, features.rawValue, &commandFD, &replyFD)
-            guard pid > 0 else { throw TestFailure("clone failed: \(errno)") }
+            // The clone sleeps in the kernel while another test's EVENT_FORK userfaultfd has not read its FORK event:
+            // never on a pool thread.
+            let spawner = OffPoolThread(name: "uffd-track-spawn") { () -> (pid: pid_t, command: Int32, reply: Int32, errno: Int32) in
+                var commandFD: Int32 = -1, replyFD: Int32 = -1
+                let pid = cuffd_test_spawn_tracked_child(pageCount, features.rawValue, &commandFD, &replyFD)
+                return (pid, commandFD, replyFD, errno)
+            }
+            let (pid, commandFD, replyFD, spawnErrno) = await spawner.value
+            guard pid > 0 else { throw TestFailure("clone failed: \(spawnErrno)") }
             scope.track(child: pid)
             defer { close(commandFD); close(replyFD) }
             #expect(await waitReadable(replyFD, seconds: 10))
