@@ -13,10 +13,18 @@ public final class PagemapScanner: @unchecked Sendable {
     /// The process whose memory is scanned (`nil`: this process, through `/proc/self/pagemap`).
     public let pid: pid_t?
     private let descriptor: Int32
+    /// `page_region` entries per `PAGEMAP_SCAN` call; a scan with more runs than that continues from `walk_end`.
+    let regionCapacity: Int
 
     /// Opens the pagemap of `pid` (or of this process). Another process's needs ptrace access (root, or the same user
     /// with a permissive `ptrace_scope`).
-    public init(pid: pid_t? = nil) throws(UserfaultError) {
+    public convenience init(pid: pid_t? = nil) throws(UserfaultError) {
+        try self.init(pid: pid, regionCapacity: 512)
+    }
+
+    /// The same with a result vector of `regionCapacity` entries (tests use a tiny one to make every scan resume).
+    init(pid: pid_t?, regionCapacity: Int) throws(UserfaultError) {
+        precondition(regionCapacity > 0, "regionCapacity must be positive")
         let path = pid.map { "/proc/\($0)/pagemap" } ?? "/proc/self/pagemap"
         let descriptor = cuffd_open_rdonly(path)
         guard descriptor >= 0 else {
@@ -24,6 +32,7 @@ public final class PagemapScanner: @unchecked Sendable {
         }
         self.pid = pid
         self.descriptor = descriptor
+        self.regionCapacity = regionCapacity
     }
 
     deinit {
@@ -40,7 +49,7 @@ public final class PagemapScanner: @unchecked Sendable {
         guard range.length > 0, range.isAligned(to: systemPageSize) else {
             throw UserfaultError(.invalidArgument, operation: .scanPagemap, range: range, detail: "the range must be page-aligned and not empty")
         }
-        let capacity = 512
+        let capacity = regionCapacity
         let regions = UnsafeMutablePointer<cuffd_page_region>.allocate(capacity: capacity)
         defer { regions.deallocate() }
         var result: [MemoryRange] = []
