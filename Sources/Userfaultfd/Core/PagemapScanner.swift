@@ -46,6 +46,21 @@ public final class PagemapScanner: @unchecked Sendable {
     /// - Throws: ``UserfaultError`` with operation ``UserfaultError/Operation/scanPagemap`` (`EINVAL` on kernels without
     ///   `PAGEMAP_SCAN`, `EPERM` when re-arming memory not registered with ``UserfaultFeatures/wpAsync``).
     public func writtenPages(in range: MemoryRange, rearm: Bool) throws(UserfaultError) -> [MemoryRange] {
+        try scan(range, category: UInt64(CUFFD_PAGE_IS_WRITTEN),
+                 flags: rearm ? UInt64(CUFFD_PM_SCAN_WP_MATCHING | CUFFD_PM_SCAN_CHECK_WPASYNC) : 0)
+    }
+
+    /// The pages of `range` (page-aligned) that lie in mappings registered for write protection on a userfaultfd with
+    /// ``UserfaultFeatures/wpAsync``, as maximal runs in ascending order: what a WP_ASYNC tracker of `range` still
+    /// sees. Pages unmapped since (`munmap`, or moved away by `mremap`) or covered by a mapping that replaced the
+    /// registered one are missing. Nothing is re-protected.
+    public func asyncWriteProtectedPages(in range: MemoryRange) throws(UserfaultError) -> [MemoryRange] {
+        try scan(range, category: UInt64(CUFFD_PAGE_IS_WPALLOWED), flags: 0)
+    }
+
+    /// One `PAGEMAP_SCAN` walk over `range` for the pages in `category`, resumed from `walk_end` as often as the result
+    /// vector fills.
+    private func scan(_ range: MemoryRange, category: UInt64, flags: UInt64) throws(UserfaultError) -> [MemoryRange] {
         guard range.length > 0, range.isAligned(to: systemPageSize) else {
             throw UserfaultError(.invalidArgument, operation: .scanPagemap, range: range, detail: "the range must be page-aligned and not empty")
         }
@@ -58,13 +73,13 @@ public final class PagemapScanner: @unchecked Sendable {
         while start < end {
             var argument = cuffd_pm_scan_arg()
             argument.size = UInt64(MemoryLayout<cuffd_pm_scan_arg>.size)
-            argument.flags = rearm ? UInt64(CUFFD_PM_SCAN_WP_MATCHING | CUFFD_PM_SCAN_CHECK_WPASYNC) : 0
+            argument.flags = flags
             argument.start = start
             argument.end = end
             argument.vec = UInt64(UInt(bitPattern: regions))
             argument.vec_len = UInt64(capacity)
-            argument.category_mask = UInt64(CUFFD_PAGE_IS_WRITTEN)
-            argument.return_mask = UInt64(CUFFD_PAGE_IS_WRITTEN)
+            argument.category_mask = category
+            argument.return_mask = category
             let count = retryingInterrupts { cuffd_ioctl_pagemap_scan(descriptor, &argument) }
             guard count >= 0 else {
                 throw UserfaultError(operation: .scanPagemap, errno: Glibc.errno, range: range,

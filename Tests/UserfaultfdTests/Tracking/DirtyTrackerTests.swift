@@ -250,3 +250,64 @@ struct TrackCommandTests {
         #expect(output.filter { $0.hasPrefix("round ") && $0.hasSuffix(" ok") }.count == 3, "\(output)")
     }
 }
+
+/// A tracked range that is unmapped in part, or moved away, makes `collect()` throw instead of reporting a partial set.
+/// (Another test's mapping may land in the hole meanwhile: that is the same error, the range is no longer registered.)
+@Suite("Dirty tracking after munmap and mremap")
+struct DirtyTrackerRangeTests {
+    /// What `collect()` threw: nil when it returned, "notRegistered: <detail>", or another error's description.
+    static func collectFailure(_ tracker: DirtyTracker) async -> String? {
+        do {
+            _ = try await tracker.collect()
+            return nil
+        } catch {
+            guard case .notRegistered = error.code else { return "unexpected error \(error)" }
+            return "notRegistered: \(error.detail)"
+        }
+    }
+
+    /// A started tracker of `pages` fresh pages, under a watchdog; stopped after `body`.
+    static func withStartedTracker(
+        pages: Int, engine: DirtyTracker.Engine, _ body: (FaultScope, TestMapping, DirtyTracker) async throws -> Void
+    ) async throws {
+        try await withFaultWatchdog(seconds: 30) { scope in
+            let mapping = try scope.makeMapping(pages: pages)
+            let tracker = try DirtyTracker(range: mapping.range, engine: engine)
+            scope.track(tracker.uffd)
+            try await tracker.start()
+            try await body(scope, mapping, tracker)
+            await tracker.stop()
+        }
+    }
+
+    @Test(.timeLimit(.minutes(1)), arguments: DirtyTrackerTests.engines)
+    func partlyUnmappedRangeIsAnError(engine: DirtyTracker.Engine) async throws {
+        try await Self.withStartedTracker(pages: 16, engine: engine) { scope, mapping, tracker in
+            #expect(await DirtyTrackerTests.write([1, 10], at: mapping.address, threads: 1, value: 7))
+            let before = try await tracker.collect()
+            #expect(DirtyTrackerTests.pages(before, from: mapping.address) == [1, 10])
+            #expect(munmap(UnsafeMutableRawPointer(bitPattern: mapping.page(4)), 4 * systemPageSize) == 0)
+            // Pages 4-7 are no longer ours (another test may map them at once): tear-down unmaps the rest only.
+            mapping.markUnmapped()
+            let (head, tail) = (mapping.pages(0, count: 4), mapping.pages(8, count: 8))
+            scope.onTearDown { for part in [head, tail] { munmap(part.pointer, part.length) } }
+            let failure = await Self.collectFailure(tracker)
+            #expect(failure?.hasPrefix("notRegistered") == true, "\(failure ?? "no error")")
+            // Still an error on the next round: the range stays incomplete.
+            #expect(await Self.collectFailure(tracker)?.hasPrefix("notRegistered") == true)
+        }
+    }
+
+    @Test(.timeLimit(.minutes(1)), arguments: DirtyTrackerTests.engines)
+    func rangeMovedByMremapIsAnError(engine: DirtyTracker.Engine) async throws {
+        try await Self.withStartedTracker(pages: 8, engine: engine) { scope, mapping, tracker in
+            let target = try scope.makeMapping(pages: 8)  // replaced by the move
+            let moved = cuffd_test_mremap_fixed(UnsafeMutableRawPointer(bitPattern: mapping.address), mapping.length,
+                                                UnsafeMutableRawPointer(bitPattern: target.address))
+            #expect(UInt(bitPattern: moved) == target.address)
+            mapping.markUnmapped()  // its old range is no longer ours; the memory is `target`'s now
+            let failure = await Self.collectFailure(tracker)
+            #expect(failure?.hasPrefix("notRegistered") == true, "\(failure ?? "no error")")
+        }
+    }
+}
