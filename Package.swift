@@ -57,9 +57,18 @@ let package = Package(
             path: "Tests/FakeVMM",
             swiftSettings: strictConcurrency
         ),
+        // The fork scenario of a LazyRegion that serves forked children, run as a child process by the region-event
+        // tests: its EVENT_FORK userfaultfd must not live in the test runner, where every other test's fork would wait on it.
+        .executableTarget(
+            name: "uffd-forked-region",
+            dependencies: ["Userfaultfd", "CUserfaultfdTestSupport"],
+            path: "Tests/ForkedRegion",
+            swiftSettings: strictConcurrency
+        ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "uffd-fake-vmm"],
+            dependencies: ["Userfaultfd", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "uffd-fake-vmm",
+                           "uffd-forked-region"],
             swiftSettings: strictConcurrency
         ),
     ]

@@ -68,6 +68,14 @@ int cuffd_test_gettid(void) { return (int)syscall(SYS_gettid); }
 
 // MARK: - Fork
 
+void cuffd_test_unblock_alarm(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGALRM);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    signal(SIGALRM, SIG_DFL);
+}
+
 pid_t cuffd_test_fork_toucher(const volatile void *addr, unsigned char expected, unsigned int alarm_seconds) {
     // A raw clone: glibc's fork() takes the malloc arena locks around the system call, and with EVENT_FORK the system
     // call sleeps until the event is read by a thread that allocates. The child runs only async-signal-safe code.
@@ -77,6 +85,9 @@ pid_t cuffd_test_fork_toucher(const volatile void *addr, unsigned char expected,
         // alive (closing the last descriptor is what wakes their blocked threads). Its own faults go to the child
         // userfaultfd, which the parent holds.
         syscall(SYS_close_range, 3U, ~0U, 0U);
+        // The forking thread's signal mask is inherited, and runtime threads block most signals (SIGALRM among
+        // them): unblock SIGALRM so that the alarm really ends a child stuck on a fault nobody serves.
+        cuffd_test_unblock_alarm();
         alarm(alarm_seconds);
         unsigned char value = *(const volatile unsigned char *)addr;
         _exit(value == expected ? 0 : 3);

@@ -40,6 +40,9 @@ pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int *comma
         dup2(commands[0], 3);
         dup2(replies[1], 4);
         syscall(SYS_close_range, 5U, ~0U, 0U);
+        // The forking thread's signal mask is inherited, and runtime threads block most signals (SIGALRM among
+        // them): unblock SIGALRM so that the alarm really ends a child stuck on a fault nobody serves.
+        cuffd_test_unblock_alarm();
         alarm(30);
         size_t page_size = (size_t)sysconf(_SC_PAGESIZE);
         size_t length = pages * page_size;

@@ -96,42 +96,47 @@ struct EventTests {
             let forker = OffPoolThread(name: "uffd-test-fork") {
                 cuffd_test_fork_toucher(UnsafeRawPointer(bitPattern: target), expected, 30)
             }
-            // FORK events are process-wide: a fork or spawn by a test running in parallel queues one too. Read them
-            // until ours has been read (our fork() returns only then), and serve every child that faults.
-            var events = uffd.events.makeAsyncIterator()
-            var children: [UserfaultFD] = []
-            repeat {
-                let event = try await nextEvent(&events)
-                guard case .fork(let child) = event else {
-                    Issue.record("expected a fork event, got \(event)")
-                    return
+            // FORK events are process-wide: a fork by a test running in parallel queues one too, before or after ours.
+            // Serve every child as its event arrives, for the whole test: a loop that stops when our fork() returns can
+            // stop with our event read by the reader but not yet consumed here, and our child then waits forever.
+            // The consumer and the servers run on the userfaultfds' own queues, never on the cooperative pool: forks by
+            // other tests (on pool threads too) sleep until this userfaultfd's reader has read their FORK events, and
+            // the reader starts with the consumer's first `next()`.
+            let served = ServedFaults()
+            let page = mapping.page(1), pageSize = uffd.pageSize
+            let consumer = Task(executorPreference: uffd.eventExecutor) {
+                var events = uffd.events.makeAsyncIterator()
+                while let event = try await events.next() {  // ends when this task is cancelled
+                    guard case .fork(let child) = event else {
+                        Issue.record("expected a fork event, got \(event)")
+                        continue
+                    }
+                    scope.track(child)
+                    #expect(child.fileDescriptor != uffd.fileDescriptor)
+                    #expect(child.enabledFeatures == uffd.enabledFeatures)
+                    // Our child touches the page: the fault arrives on its userfaultfd, at the same address. Serve it
+                    // into the child's address space (other tests' children never fault there).
+                    let server = Task(executorPreference: child.eventExecutor) {
+                        var childEvents = child.events.makeAsyncIterator()
+                        guard let fault = try? await nextPageFault(&childEvents), fault.pageAddress == page else { return }
+                        served.faults.withLock { $0.append(fault) }
+                        var source = sourcePage(expected)
+                        _ = try? child.copy(from: &source, to: fault.pageAddress, length: pageSize)
+                    }
+                    served.children.withLock { $0.append((child, server)) }
                 }
-                scope.track(child)
-                children.append(child)
-                #expect(child.fileDescriptor != uffd.fileDescriptor)
-                #expect(child.enabledFeatures == uffd.enabledFeatures)
-            } while await !forker.finishes(within: 2) && children.count < 32
+            }
             let pid = await forker.value
             try #require(pid > 0, "fork failed: \(String(cString: strerror(errno)))")
             scope.track(child: pid)
-
-            // Our child touches the page: the fault arrives on its userfaultfd, at the same address. Serve it into the
-            // child's address space (other children, from other tests' spawns, never fault there).
-            let served = ServedFaults()
-            let page = mapping.page(1), pageSize = uffd.pageSize
-            let servers = children.map { child in
-                Task {
-                    var childEvents = child.events.makeAsyncIterator()
-                    guard let fault = try? await nextPageFault(&childEvents), fault.pageAddress == page else { return }
-                    served.faults.withLock { $0.append(fault) }
-                    var source = sourcePage(expected)
-                    _ = try? child.copy(from: &source, to: fault.pageAddress, length: pageSize)
-                }
-            }
             let status = await waitForChild(pid, seconds: 20)
             if status != nil { scope.reaped(child: pid) }
-            for child in children { child.close() }
-            for server in servers { await server.value }
+            consumer.cancel()
+            _ = await consumer.result
+            let children = served.children.withLock { $0 }
+            #expect(!children.isEmpty, "our fork's event was read")
+            for (child, _) in children { child.close() }  // ends the servers' iterations
+            for (_, server) in children { await server.value }
             let faults = served.faults.withLock { $0 }
             #expect(faults.count == 1, "exactly one child faulted on the page")
             if let fault = faults.first {
@@ -294,7 +299,9 @@ struct EventTests {
     }
 }
 
-/// Faults served by the fork test's per-child tasks.
+/// What the fork test's consumer and per-child tasks share: every forked child's userfaultfd with its server, and the
+/// faults served.
 private final class ServedFaults: Sendable {
     let faults = Mutex<[PageFault]>([])
+    let children = Mutex<[(UserfaultFD, Task<Void, Never>)]>([])
 }

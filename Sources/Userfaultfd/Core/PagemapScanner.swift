@@ -13,10 +13,18 @@ public final class PagemapScanner: @unchecked Sendable {
     /// The process whose memory is scanned (`nil`: this process, through `/proc/self/pagemap`).
     public let pid: pid_t?
     private let descriptor: Int32
+    /// `page_region` entries per `PAGEMAP_SCAN` call; a scan with more runs than that continues from `walk_end`.
+    let regionCapacity: Int
 
     /// Opens the pagemap of `pid` (or of this process). Another process's needs ptrace access (root, or the same user
     /// with a permissive `ptrace_scope`).
-    public init(pid: pid_t? = nil) throws(UserfaultError) {
+    public convenience init(pid: pid_t? = nil) throws(UserfaultError) {
+        try self.init(pid: pid, regionCapacity: 512)
+    }
+
+    /// The same with a result vector of `regionCapacity` entries (tests use a tiny one to make every scan resume).
+    init(pid: pid_t?, regionCapacity: Int) throws(UserfaultError) {
+        precondition(regionCapacity > 0, "regionCapacity must be positive")
         let path = pid.map { "/proc/\($0)/pagemap" } ?? "/proc/self/pagemap"
         let descriptor = cuffd_open_rdonly(path)
         guard descriptor >= 0 else {
@@ -24,6 +32,7 @@ public final class PagemapScanner: @unchecked Sendable {
         }
         self.pid = pid
         self.descriptor = descriptor
+        self.regionCapacity = regionCapacity
     }
 
     deinit {
@@ -37,10 +46,25 @@ public final class PagemapScanner: @unchecked Sendable {
     /// - Throws: ``UserfaultError`` with operation ``UserfaultError/Operation/scanPagemap`` (`EINVAL` on kernels without
     ///   `PAGEMAP_SCAN`, `EPERM` when re-arming memory not registered with ``UserfaultFeatures/wpAsync``).
     public func writtenPages(in range: MemoryRange, rearm: Bool) throws(UserfaultError) -> [MemoryRange] {
+        try scan(range, category: UInt64(CUFFD_PAGE_IS_WRITTEN),
+                 flags: rearm ? UInt64(CUFFD_PM_SCAN_WP_MATCHING | CUFFD_PM_SCAN_CHECK_WPASYNC) : 0)
+    }
+
+    /// The pages of `range` (page-aligned) that lie in mappings registered for write protection on a userfaultfd with
+    /// ``UserfaultFeatures/wpAsync``, as maximal runs in ascending order: what a WP_ASYNC tracker of `range` still
+    /// sees. Pages unmapped since (`munmap`, or moved away by `mremap`) or covered by a mapping that replaced the
+    /// registered one are missing. Nothing is re-protected.
+    public func asyncWriteProtectedPages(in range: MemoryRange) throws(UserfaultError) -> [MemoryRange] {
+        try scan(range, category: UInt64(CUFFD_PAGE_IS_WPALLOWED), flags: 0)
+    }
+
+    /// One `PAGEMAP_SCAN` walk over `range` for the pages in `category`, resumed from `walk_end` as often as the result
+    /// vector fills.
+    private func scan(_ range: MemoryRange, category: UInt64, flags: UInt64) throws(UserfaultError) -> [MemoryRange] {
         guard range.length > 0, range.isAligned(to: systemPageSize) else {
             throw UserfaultError(.invalidArgument, operation: .scanPagemap, range: range, detail: "the range must be page-aligned and not empty")
         }
-        let capacity = 512
+        let capacity = regionCapacity
         let regions = UnsafeMutablePointer<cuffd_page_region>.allocate(capacity: capacity)
         defer { regions.deallocate() }
         var result: [MemoryRange] = []
@@ -49,13 +73,13 @@ public final class PagemapScanner: @unchecked Sendable {
         while start < end {
             var argument = cuffd_pm_scan_arg()
             argument.size = UInt64(MemoryLayout<cuffd_pm_scan_arg>.size)
-            argument.flags = rearm ? UInt64(CUFFD_PM_SCAN_WP_MATCHING | CUFFD_PM_SCAN_CHECK_WPASYNC) : 0
+            argument.flags = flags
             argument.start = start
             argument.end = end
             argument.vec = UInt64(UInt(bitPattern: regions))
             argument.vec_len = UInt64(capacity)
-            argument.category_mask = UInt64(CUFFD_PAGE_IS_WRITTEN)
-            argument.return_mask = UInt64(CUFFD_PAGE_IS_WRITTEN)
+            argument.category_mask = category
+            argument.return_mask = category
             let count = retryingInterrupts { cuffd_ioctl_pagemap_scan(descriptor, &argument) }
             guard count >= 0 else {
                 throw UserfaultError(operation: .scanPagemap, errno: Glibc.errno, range: range,

@@ -88,6 +88,9 @@ public actor DirtyTracker {
     private var pendingUnprotect: [UInt] = []
     private var retryScheduled = false
     private var started = false
+    /// Part of the range was found unmapped or replaced: what lies there now may be someone else's registered memory,
+    /// so the tracker no longer changes protections across the whole range.
+    private var rangeLost = false
 
     public nonisolated var unownedExecutor: UnownedSerialExecutor { uffd.eventExecutor.asUnownedSerialExecutor() }
 
@@ -173,13 +176,21 @@ public actor DirtyTracker {
 
     /// The pages written since ``start()`` or the previous `collect()`, as maximal runs in ascending order; tracking is
     /// re-armed in the same step.
-    /// - Throws: ``UserfaultError`` when the range can no longer be protected or scanned (unmapped, process exited).
+    ///
+    /// The tracker follows its range, not the memory: after `munmap(2)` of any part of it, or `mremap(2)` moving it
+    /// away, writes there are no longer seen, so `collect()` refuses to report a partial picture and throws
+    /// ``UserfaultError/Code/notRegistered`` naming the parts gone, and re-arms nothing. To go on, track the memory
+    /// where it is now with a new tracker. Checked for the scan engine, and for the fault engine on memory of this
+    /// process.
+    /// - Throws: ``UserfaultError`` when the range can no longer be protected or scanned (unmapped, moved, process exited).
     public func collect() throws(UserfaultError) -> [MemoryRange] {
         let result: [MemoryRange]
         switch engine {
         case .asyncScan:
+            try requireWholeRange(try scanner!.asyncWriteProtectedPages(in: range), operation: .scanPagemap)
             result = try scanner!.writtenPages(in: range, rearm: true)
         case .writeProtectFaults:
+            if pid == nil { try requireWholeRange(mappedPagesHere(), operation: .writeProtect) }
             // Every fault queued now was raised before this collection: record it in this round first.
             uffd.reader.drainPending()
             retryUnprotect()
@@ -195,9 +206,12 @@ public actor DirtyTracker {
         return result
     }
 
-    /// Stops tracking: lifts the write protection (waking any writer) and, for a userfaultfd the tracker created, closes it.
+    /// Stops tracking: lifts the write protection (waking any writer; not after ``collect()`` found the range unmapped or
+    /// moved) and, for a userfaultfd the tracker created, closes it.
     public func stop() {
-        try? uffd.writeProtect(range, enabled: false)
+        // UFFDIO_WRITEPROTECT acts on any registered VMA of the process in the range: after the range was lost, one
+        // that replaced it may belong to another userfaultfd (another tracker), so leave protections alone then.
+        if !rangeLost { try? uffd.writeProtect(range, enabled: false) }
         started = false
         if ownsUFFD { uffd.close() }
     }
@@ -274,6 +288,46 @@ public actor DirtyTracker {
                 if attempts > 10 { usleep(50) }
             }
         }
+    }
+
+    // MARK: - The range itself
+
+    /// Throws ``UserfaultError/Code/notRegistered`` unless `present` (runs in ascending order) covers the whole range.
+    private func requireWholeRange(_ present: [MemoryRange], operation: UserfaultError.Operation) throws(UserfaultError) {
+        var missing: [MemoryRange] = []
+        var cursor = range.start
+        for run in present where run.end > cursor {
+            if run.start > cursor { missing.append(MemoryRange(start: cursor, end: run.start)) }
+            cursor = run.end
+        }
+        if cursor < range.end { missing.append(MemoryRange(start: cursor, end: range.end)) }
+        guard missing.isEmpty else {
+            rangeLost = true
+            throw UserfaultError(.notRegistered, operation: operation, range: range, detail:
+                "part of the tracked range is no longer mapped there or no longer registered (munmap, or mremap moved it): \(missing)")
+        }
+    }
+
+    /// The runs of the range that are mapped in this process (`mincore(2)` fails with `ENOMEM` over an unmapped page),
+    /// found by halving: one system call when all of it is mapped.
+    private func mappedPagesHere() -> [MemoryRange] {
+        var vector = [UInt8](repeating: 0, count: range.length / pageSize)
+        func mapped(_ piece: MemoryRange) -> [MemoryRange] {
+            if mincore(piece.pointer, piece.length, &vector) == 0 { return [piece] }
+            guard piece.length > pageSize else { return [] }
+            let half = (piece.length / pageSize / 2) * pageSize
+            return mapped(MemoryRange(start: piece.start, length: half))
+                + mapped(MemoryRange(start: piece.start + UInt(half), length: piece.length - half))
+        }
+        var result: [MemoryRange] = []
+        for piece in mapped(range) {
+            if let last = result.last, last.end == piece.start {
+                result[result.count - 1].length += piece.length
+            } else {
+                result.append(piece)
+            }
+        }
+        return result
     }
 
     private func runs(of pages: [Int]) -> [MemoryRange] {

@@ -44,6 +44,10 @@ int cuffd_test_gettid(void);
 /// that nothing the reader needs depends on.
 pid_t cuffd_test_fork_toucher(const volatile void *addr, unsigned char expected, unsigned int alarm_seconds);
 
+/// In a forked child: unblocks SIGALRM and restores its default action, so that alarm() ends the child (the mask is
+/// inherited from the forking thread, which may block it). Async-signal-safe.
+void cuffd_test_unblock_alarm(void);
+
 /// waitpid(pid, &status, nohang ? WNOHANG : 0). Returns waitpid's result; *status receives the raw status.
 pid_t cuffd_test_waitpid(pid_t pid, int *status, int nohang);
 

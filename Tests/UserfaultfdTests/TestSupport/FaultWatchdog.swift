@@ -129,6 +129,9 @@ protocol ThreadCompletion: Sendable {
     var isFinished: Bool { get }
 }
 
+/// Where every watchdog's alarm runs.
+private let watchdogQueue = DispatchQueue(label: "uffd-test-watchdog")
+
 /// Runs a test that faults under a watchdog: after `seconds`, every userfaultfd and child of the scope is closed or
 /// killed (so nothing stays blocked) and the test records a failure. Resources are released when `body` returns or throws.
 func withFaultWatchdog(
@@ -138,7 +141,10 @@ func withFaultWatchdog(
 ) async throws {
     let scope = FaultScope()
     let alarm = DispatchWorkItem { scope.fire() }
-    DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: alarm)
+    // A queue of its own (a serial queue gets a thread even when every thread of the global queues is blocked): the
+    // cooperative pool runs on the default global queue here, and a test that blocks its threads (a fork waiting on
+    // a FORK event, a fault) must not also block the watchdog that would release them.
+    watchdogQueue.asyncAfter(deadline: .now() + seconds, execute: alarm)
     let outcome: Result<Void, any Error>
     do {
         try await FaultScope.$current.withValue(scope) { try await body(scope) }
