@@ -128,19 +128,22 @@ extension ReliabilityTests {
         }
 
         /// 8 threads fault 2048 pages of a provider that delays every read (0–2 ms), fails the first attempt of every
-        /// third block and never answers for every 256th (from page 5): retries bring the failed blocks in, the timeout releases the
-        /// stalled ones with zeros and reports each, and every other page holds its data.
-        /// Disabled, not passing: with 300 ms provider timeouts it is timing-sensitive; in a fresh-clone CI run healthy
-        /// reads exceeded the timeout while another suite loaded both cores (issue 8).
-        @Test(.disabled("timing-sensitive under a loaded 2-core CI run: healthy reads passed the 300 ms timeout (issue 8)"),
-              .timeLimit(.minutes(2)))
+        /// third page and never answers for every 257th (from page 5): retries bring the failed pages in, the timeout
+        /// releases the stalled ones with zeros and reports each once, and every other page holds its data.
+        ///
+        /// The checks hold whatever the machine's load: a healthy read that a starved machine lets pass the timeout is
+        /// released like a stalled one (zeros, reported once), so the invariant is "every page holds its data, or holds
+        /// zeros and was reported", never "finished within a time".
+        @Test(.timeLimit(.minutes(2)))
         func providerErrorsDelaysAndStallsUnderLoad() async throws {
             let pageSize = systemPageSize, pages = 2048, threads = 8
+            // 257 apart, so each falls to a different thread and the stalls overlap instead of adding up.
+            let stalledPages = Set((0..<pages).filter { $0 % 257 == 5 })
             let attempts = Mutex<[Int: Int]>([:])
             let provider = ClosureProvider(size: pages * pageSize) { buffer, offset in
                 let page = offset / pageSize
                 let attempt = attempts.withLock { $0[page, default: 0] += 1; return $0[page]! }
-                if page % 256 == 5 {
+                if stalledPages.contains(page) {
                     await awaitCancellation()
                     throw CancellationError()
                 }
@@ -151,10 +154,20 @@ extension ReliabilityTests {
             }
             let options = FaultResolver.Options(
                 readahead: .none, failurePolicy: .retry(attempts: 2, backoff: .milliseconds(1), then: .zeroFill),
-                providerTimeout: .milliseconds(300))
+                providerTimeout: .seconds(1))
             try await withFaultWatchdog(seconds: 90) { scope in
                 try await withWatchedRegion(scope, length: pages * pageSize, provider: provider, options: options) { region in
-                    let errors = region.errors
+                    // Reports are sent before the thread they concern is released, so once every reader is done they
+                    // are all in the stream; the collector only has to catch up.
+                    let reports = Mutex<[Int: Int]>([:])
+                    let wrongResolution = Mutex(0)
+                    let collector = Task { [errors = region.errors] in
+                        for await error in errors {
+                            if error.resolution != .zeroFill { wrongResolution.withLock { $0 += 1 } }
+                            reports.withLock { $0[error.providerOffset / pageSize, default: 0] += 1 }
+                        }
+                    }
+                    defer { collector.cancel() }
                     let base = UInt(bitPattern: region.baseAddress)
                     let readers = (0..<threads).map { thread in
                         OffPoolThread(name: "uffd-injection-load") { () -> [Int: UInt8] in
@@ -165,26 +178,31 @@ extension ReliabilityTests {
                             return seen
                         }
                     }
-                    var wrong: [Int] = []
-                    for reader in readers {
-                        for (page, value) in await reader.value {
-                            let expected: UInt8 = page % 256 == 5 ? 0 : Self.byte(ofPage: page)
-                            if value != expected { wrong.append(page) }
-                        }
+                    var seen: [Int: UInt8] = [:]
+                    for reader in readers { seen.merge(await reader.value) { first, _ in first } }
+                    #expect(seen.count == pages)
+                    let zeroed = Set(seen.filter { $0.value == 0 }.map(\.key))
+                    #expect(zeroed.isSuperset(of: stalledPages), "stalled pages read as zeros")
+                    let caughtUp = await pollUntil(within: 20) { reports.withLock { Set($0.keys) }.isSuperset(of: zeroed) }
+                    #expect(caughtUp, "every page released with zeros was reported")
+                    let reported = reports.withLock { $0 }
+                    let wrong = seen.filter { page, value in
+                        value != (reported[page] == nil ? Self.byte(ofPage: page) : 0)
+                    }.map(\.key).sorted()
+                    #expect(wrong.isEmpty, "pages with neither their data nor reported zeros: \(wrong.prefix(20))")
+                    #expect(reported.values.allSatisfy { $0 == 1 }, "each released page reported once: \(reported.filter { $0.value != 1 })")
+                    #expect(wrongResolution.withLock { $0 } == 0, "every report names the zero-fill resolution")
+                    // Under a healthy load only the stalled pages time out; a starved machine may add a few more, and
+                    // each of those was held to the same rule above.
+                    let healthyTimeouts = reported.keys.filter { !stalledPages.contains($0) }.count
+                    if healthyTimeouts > 0 { print("providerErrorsDelaysAndStallsUnderLoad: \(healthyTimeouts) healthy reads passed the timeout") }
+                    #expect(region.statistics.faults >= pages, "\(region.statistics)")
+                    // The failed first attempts were retried, not reported: such a page was read exactly twice.
+                    let retried = attempts.withLock { counts in
+                        counts.filter { $0.key % 3 == 0 && reported[$0.key] == nil }
                     }
-                    #expect(wrong.isEmpty, "pages with the wrong content: \(wrong.sorted().prefix(20))")
-                    let stalledPages = (0..<pages).filter { $0 % 256 == 5 }.count
-                    var reported: Set<Int> = []
-                    var iterator = errors.makeAsyncIterator()
-                    while reported.count < stalledPages, let error = await iterator.next() {
-                        #expect(error.resolution == .zeroFill)
-                        reported.insert(error.providerOffset / pageSize)
-                    }
-                    #expect(reported == Set((0..<pages).filter { $0 % 256 == 5 }), "each stalled page reported once")
-                    let stats = region.statistics
-                    #expect(stats.faults >= pages, "\(stats)")
-                    // The failed first attempts were retried, not reported.
-                    #expect(attempts.withLock { $0.filter { $0.key % 3 == 0 && $0.key % 256 != 5 }.allSatisfy { $0.value == 2 } })
+                    #expect(!retried.isEmpty, "failed first attempts were retried")
+                    #expect(retried.allSatisfy { $0.value == 2 }, "\(retried.filter { $0.value != 2 }.prefix(10))")
                 }
             }
         }
