@@ -12,14 +12,17 @@
 import PackageDescription
 
 let settings: [SwiftSetting] = [.swiftLanguageMode(.v6), .unsafeFlags(["-parse-as-library"])]
+let targetDependencies: [Target.Dependency] = [.product(name: "Userfaultfd", package: "swift-userfaultfd"), "FuzzDriver"]
 
 let package = Package(
     name: "swift-userfaultfd-fuzz",
     dependencies: [.package(name: "swift-userfaultfd", path: "..")],
     targets: [
-        .executableTarget(name: "fuzz-fault-message", dependencies: [.product(name: "Userfaultfd", package: "swift-userfaultfd")],
+        // What every target shares: handing the command line to libFuzzer's driver.
+        .target(name: "FuzzDriver", path: "Sources/FuzzDriver", swiftSettings: [.swiftLanguageMode(.v6)]),
+        .executableTarget(name: "fuzz-fault-message", dependencies: targetDependencies,
                           path: "Sources/FuzzFaultMessage", swiftSettings: settings),
-        .executableTarget(name: "fuzz-handshake", dependencies: [.product(name: "Userfaultfd", package: "swift-userfaultfd")],
+        .executableTarget(name: "fuzz-handshake", dependencies: targetDependencies,
                           path: "Sources/FuzzHandshake", swiftSettings: settings),
     ]
 )
