@@ -1,10 +1,12 @@
 // swift-tools-version:6.0
 //
-// libFuzzer targets for everything swift-userfaultfd parses from outside: uffd_msg decoding and the Firecracker
-// handshake body. Built only with the fuzzer:
+// libFuzzer targets for everything swift-userfaultfd parses from outside: uffd_msg decoding, the Firecracker
+// handshake body, and the control messages (SCM_RIGHTS) received with a passed userfaultfd. Built only with the fuzzer:
 //
-//     swift build -c debug -Xswiftc -sanitize=fuzzer,address --scratch-path .build-fuzz
+//     swift build -c debug -Xswiftc -sanitize=fuzzer,address -Xcc -fsanitize=fuzzer-no-link,address --scratch-path .build-fuzz
 //     .build-fuzz/debug/fuzz-fault-message -runs=100000 Corpus/fault-message
+//
+// (`-Xcc` instruments the library's C shim too: fuzz-fd-message runs its control-message parser.)
 //
 // (libFuzzer provides `main`, so a plain `swift build` of this package does not link; it is its own package so that
 // it never affects the library's build.) See ../RELIABILITY.md.
@@ -12,14 +14,19 @@
 import PackageDescription
 
 let settings: [SwiftSetting] = [.swiftLanguageMode(.v6), .unsafeFlags(["-parse-as-library"])]
+let targetDependencies: [Target.Dependency] = [.product(name: "Userfaultfd", package: "swift-userfaultfd"), "FuzzDriver"]
 
 let package = Package(
     name: "swift-userfaultfd-fuzz",
     dependencies: [.package(name: "swift-userfaultfd", path: "..")],
     targets: [
-        .executableTarget(name: "fuzz-fault-message", dependencies: [.product(name: "Userfaultfd", package: "swift-userfaultfd")],
+        // What every target shares: handing the command line to libFuzzer's driver.
+        .target(name: "FuzzDriver", path: "Sources/FuzzDriver", swiftSettings: [.swiftLanguageMode(.v6)]),
+        .executableTarget(name: "fuzz-fault-message", dependencies: targetDependencies,
                           path: "Sources/FuzzFaultMessage", swiftSettings: settings),
-        .executableTarget(name: "fuzz-handshake", dependencies: [.product(name: "Userfaultfd", package: "swift-userfaultfd")],
+        .executableTarget(name: "fuzz-handshake", dependencies: targetDependencies,
                           path: "Sources/FuzzHandshake", swiftSettings: settings),
+        .executableTarget(name: "fuzz-fd-message", dependencies: targetDependencies,
+                          path: "Sources/FuzzFdMessage", swiftSettings: settings),
     ]
 )

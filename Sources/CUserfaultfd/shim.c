@@ -37,37 +37,67 @@ ssize_t cuffd_send_with_fds(int sock, const void *buf, size_t len, const int *fd
     return sent;
 }
 
-ssize_t cuffd_recv_with_fds(int sock, void *buf, size_t cap, int *fds, int *nfds, int *flags) {
-    union {
-        char bytes[CMSG_SPACE(sizeof(int) * CUFFD_MAX_PASSED_FDS)];
-        struct cmsghdr align;
-    } control;
+size_t cuffd_cmsg_space(size_t data_len) { return CMSG_SPACE(data_len); }
+size_t cuffd_cmsg_len(size_t data_len) { return CMSG_LEN(data_len); }
+
+ssize_t cuffd_recv_raw(int sock, void *buf, size_t cap, void *control, size_t control_cap, size_t *control_len,
+                       int *msg_flags) {
     struct iovec iov = { .iov_base = buf, .iov_len = cap };
-    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
-                          .msg_controllen = sizeof(control.bytes) };
-    *nfds = 0;
-    *flags = 0;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = control_cap };
+    *control_len = 0;
+    *msg_flags = 0;
     ssize_t received;
     do {
         received = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     } while (received < 0 && errno == EINTR);
     if (received < 0) return -1;
-    if (msg.msg_flags & MSG_TRUNC) *flags |= CUFFD_RECV_PAYLOAD_TRUNCATED;
-    if (msg.msg_flags & MSG_CTRUNC) *flags |= CUFFD_RECV_CONTROL_TRUNCATED;
-    for (struct cmsghdr *header = CMSG_FIRSTHDR(&msg); header != NULL; header = CMSG_NXTHDR(&msg, header)) {
-        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-        size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        const int *data = (const int *)CMSG_DATA(header);
-        for (size_t i = 0; i < count; i++) {
-            if (*nfds < CUFFD_MAX_PASSED_FDS) {
-                fds[(*nfds)++] = data[i];
-            } else {
-                close(data[i]);
-                *flags |= CUFFD_RECV_CONTROL_TRUNCATED;
+    *control_len = msg.msg_controllen <= control_cap ? msg.msg_controllen : control_cap;
+    *msg_flags = msg.msg_flags;
+    return received;
+}
+
+// Not CMSG_FIRSTHDR/CMSG_NXTHDR: they trust cmsg_len more than a parser of untrusted bytes may (glibc's NXTHDR
+// checks the next header's start, not that the current one's data fits), and they assume an aligned buffer.
+// Offsets and memcpy instead, every bound checked against what is left before any read.
+void cuffd_parse_rights(const void *control, size_t control_len, int *fds, size_t max_fds, size_t *nfds, int *flags) {
+    const unsigned char *bytes = control;
+    const size_t header_size = CMSG_LEN(0);  // the header with its padding up to the data
+    size_t offset = 0;
+    *nfds = 0;
+    *flags = 0;
+    while (offset < control_len) {
+        size_t left = control_len - offset;
+        if (left < header_size) {  // a partial header
+            *flags |= CUFFD_RIGHTS_MALFORMED;
+            return;
+        }
+        struct cmsghdr header;
+        memcpy(&header, bytes + offset, sizeof(header));
+        size_t length = header.cmsg_len;
+        if (length < header_size || length > left) {
+            *flags |= CUFFD_RIGHTS_MALFORMED;
+            return;
+        }
+        if (header.cmsg_level == SOL_SOCKET && header.cmsg_type == SCM_RIGHTS) {
+            size_t data_len = length - header_size;
+            if (data_len % sizeof(int) != 0) {
+                *flags |= CUFFD_RIGHTS_MALFORMED;
+                return;
+            }
+            for (size_t at = 0; at < data_len; at += sizeof(int)) {
+                if (*nfds == max_fds) {
+                    *flags |= CUFFD_RIGHTS_EXCESS;
+                    break;
+                }
+                memcpy(&fds[*nfds], bytes + offset + header_size + at, sizeof(int));
+                *nfds += 1;
             }
         }
+        // The next header starts after this one's padding; the last one's padding may be missing (length == left).
+        size_t advance = CMSG_ALIGN(length);
+        if (advance >= left) return;
+        offset += advance;
     }
-    return received;
 }
 
 int cuffd_peer_pid(int sock) {

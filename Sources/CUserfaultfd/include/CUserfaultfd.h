@@ -206,18 +206,38 @@ static inline int cuffd_creation_flags(int user_mode_only) {
 /// The most descriptors one message may carry in either direction.
 #define CUFFD_MAX_PASSED_FDS 16
 
-/// Flags cuffd_recv_with_fds reports.
-#define CUFFD_RECV_PAYLOAD_TRUNCATED 1
-#define CUFFD_RECV_CONTROL_TRUNCATED 2
-
 /// sendmsg(2) of `len` bytes with `nfds` descriptors (0 to CUFFD_MAX_PASSED_FDS) as SCM_RIGHTS.
 /// Returns the bytes sent or -1 with errno set (EINVAL for too many descriptors).
 ssize_t cuffd_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
-/// recvmsg(2) of up to `cap` bytes and up to CUFFD_MAX_PASSED_FDS descriptors (received close-on-exec).
-/// Stores the descriptors in `fds` (room for CUFFD_MAX_PASSED_FDS), their count in `*nfds`, and
-/// CUFFD_RECV_* bits in `*flags`. Returns the bytes received (0 at end of stream) or -1 with errno set.
-ssize_t cuffd_recv_with_fds(int sock, void *buf, size_t cap, int *fds, int *nfds, int *flags);
+/// CMSG_SPACE(data_len) and CMSG_LEN(data_len): the room one control message with `data_len` bytes of data takes in a
+/// control buffer (with its padding), and the value of its cmsg_len.
+size_t cuffd_cmsg_space(size_t data_len);
+size_t cuffd_cmsg_len(size_t data_len);
+
+/// One recvmsg(2) with MSG_CMSG_CLOEXEC, retrying EINTR, and nothing else: up to `cap` payload bytes into `buf`, the
+/// raw control messages into `control` (room for `control_cap` bytes; their length in `*control_len`) and the
+/// message's msg_flags (MSG_TRUNC, MSG_CTRUNC, ...) in `*msg_flags`. Returns the payload length (0 at end of stream)
+/// or -1 with errno set. Any descriptor in `control` is now installed in this process: the caller parses them out
+/// with cuffd_parse_rights and owns them, including the ones it does not want.
+ssize_t cuffd_recv_raw(int sock, void *buf, size_t cap, void *control, size_t control_cap, size_t *control_len,
+                       int *msg_flags);
+
+/// Flags cuffd_parse_rights reports.
+/// A control message header that cannot be: cmsg_len below the header's size or past the end of the buffer, an
+/// SCM_RIGHTS message whose data is not a whole number of ints, or a partial header at the end. Parsing stops there.
+#define CUFFD_RIGHTS_MALFORMED 1
+/// More descriptors than `max_fds`: the rest were neither stored nor counted. With room for
+/// `control_len / sizeof(int)` descriptors (all a buffer of that length can hold) this never happens.
+#define CUFFD_RIGHTS_EXCESS 2
+
+/// Walks the control messages in `control[0 ..< control_len]` (any alignment) and stores the descriptors of every
+/// SOL_SOCKET/SCM_RIGHTS message, in order, in `fds` (room for `max_fds`), their count in `*nfds` and CUFFD_RIGHTS_*
+/// bits in `*flags`. Other control messages are skipped. Never reads outside `control[0 ..< control_len]`, whatever
+/// the headers claim. A pure function: it closes nothing. What to do with the descriptors (keep, or close because
+/// there are too many or the buffer is malformed) is the caller's decision; on a malformed buffer `fds` holds those
+/// found before the bad header.
+void cuffd_parse_rights(const void *control, size_t control_len, int *fds, size_t max_fds, size_t *nfds, int *flags);
 
 /// The process id of a connected Unix socket's peer (SO_PEERCRED), or -1 with errno set.
 int cuffd_peer_pid(int sock);

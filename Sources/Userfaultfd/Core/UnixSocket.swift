@@ -13,8 +13,13 @@ public struct DescriptorPassingError: Error, Sendable, Hashable, CustomStringCon
         case tooManyDescriptors(Int)
         /// The payload did not fit the receive buffer (the rest was discarded by the kernel).
         case payloadTruncated
-        /// Some descriptors did not fit and were discarded.
+        /// Some descriptors did not fit and were discarded, or the message carried more than
+        /// ``ReceivedMessage/maximumDescriptors`` (all of them were closed).
         case descriptorsTruncated
+        /// The control messages that came with the payload cannot be parsed: a header whose length is below its own
+        /// size or past the end of the buffer, or `SCM_RIGHTS` data that is not a whole number of descriptors (every
+        /// descriptor found was closed).
+        case malformedControlMessage
         /// The peer closed the connection.
         case connectionClosed
         /// Nothing arrived in time.
@@ -55,21 +60,6 @@ public struct DescriptorPassingError: Error, Sendable, Hashable, CustomStringCon
         let error = Glibc.errno
         return DescriptorPassingError(error == ENAMETOOLONG ? .pathTooLong : .system, operation: operation, errno: error,
                                       detail: path ?? "")
-    }
-}
-
-/// One message received from a Unix socket: bytes and the descriptors that came with them (owned by the receiver).
-public struct ReceivedMessage: Sendable {
-    /// The bytes.
-    public var payload: [UInt8]
-    /// The descriptors passed with SCM_RIGHTS, installed in this process (close-on-exec).
-    public var descriptors: [Int32]
-    /// True when the peer closed the connection (no bytes, no descriptors).
-    public var isEndOfStream: Bool { payload.isEmpty && descriptors.isEmpty }
-
-    /// Closes every received descriptor.
-    public func closeDescriptors() {
-        for descriptor in descriptors { _ = Glibc.close(descriptor) }
     }
 }
 
@@ -139,11 +129,16 @@ public final class UnixSocketConnection: Sendable {
         }
     }
 
+    /// Room for one SCM_RIGHTS message of ``ReceivedMessage/maximumDescriptors``: a peer that sends more gets
+    /// `MSG_CTRUNC` from the kernel (and ``DescriptorPassingError/Code/descriptorsTruncated`` from ``receive(maximumPayload:timeout:)``).
+    static let controlCapacity = cuffd_cmsg_space(MemoryLayout<Int32>.size * ReceivedMessage.maximumDescriptors)
+
     /// Receives one message: waits until the socket is readable (up to `timeout`), then one `recvmsg`.
     ///
     /// - Returns: the message; at end of stream, an empty one (``ReceivedMessage/isEndOfStream``).
-    /// - Throws: ``DescriptorPassingError/Code/payloadTruncated`` or ``DescriptorPassingError/Code/descriptorsTruncated``
-    ///   (the descriptors that did arrive are closed), ``DescriptorPassingError/Code/timedOut``,
+    /// - Throws: ``DescriptorPassingError/Code/payloadTruncated``, ``DescriptorPassingError/Code/descriptorsTruncated``
+    ///   or ``DescriptorPassingError/Code/malformedControlMessage`` (the descriptors that did arrive are closed; see
+    ///   ``ReceivedMessage/decode(payload:control:messageFlags:closing:)``), ``DescriptorPassingError/Code/timedOut``,
     ///   ``DescriptorPassingError/Code/cancelled``.
     public func receive(maximumPayload: Int = 64 * 1024, timeout: Duration? = nil) async throws(DescriptorPassingError) -> ReceivedMessage {
         while true {
@@ -151,23 +146,28 @@ public final class UnixSocketConnection: Sendable {
             guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "recvmsg", detail: "the socket is closed") }
             defer { lease.release() }
             var payload = [UInt8](repeating: 0, count: maximumPayload)
-            var fds = [Int32](repeating: -1, count: Int(CUFFD_MAX_PASSED_FDS))
-            var count: Int32 = 0
-            var flags: Int32 = 0
+            var control = [UInt8](repeating: 0, count: Self.controlCapacity)
+            var controlLength = 0
+            var messageFlags: Int32 = 0
             let received = payload.withUnsafeMutableBytes { bytes in
-                fds.withUnsafeMutableBufferPointer { cuffd_recv_with_fds(lease.descriptor, bytes.baseAddress, bytes.count, $0.baseAddress, &count, &flags) }
+                control.withUnsafeMutableBytes {
+                    cuffd_recv_raw(lease.descriptor, bytes.baseAddress, bytes.count, $0.baseAddress, $0.count, &controlLength,
+                                   &messageFlags)
+                }
             }
             if received < 0 {
                 if Glibc.errno == EAGAIN { continue }
                 throw .system("recvmsg")
             }
-            let message = ReceivedMessage(payload: Array(payload.prefix(received)), descriptors: Array(fds.prefix(Int(count))))
-            if flags & CUFFD_RECV_PAYLOAD_TRUNCATED != 0 || flags & CUFFD_RECV_CONTROL_TRUNCATED != 0 {
-                message.closeDescriptors()
-                throw DescriptorPassingError(flags & CUFFD_RECV_PAYLOAD_TRUNCATED != 0 ? .payloadTruncated : .descriptorsTruncated,
-                                             operation: "recvmsg", detail: "\(received) bytes, \(count) descriptors kept")
+            payload.removeSubrange(received...)
+            // (Array.withUnsafeBytes only rethrows untyped errors: carry the typed one out in a Result.)
+            let decoded = control.withUnsafeBytes { bytes in
+                Result { () throws(DescriptorPassingError) in
+                    try ReceivedMessage.decode(payload: payload, control: UnsafeRawBufferPointer(rebasing: bytes.prefix(controlLength)),
+                                               messageFlags: messageFlags)
+                }
             }
-            return message
+            return try decoded.get()
         }
     }
 

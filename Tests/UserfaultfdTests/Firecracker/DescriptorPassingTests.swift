@@ -88,6 +88,38 @@ struct DescriptorPassingTests {
         #expect(second.isClosedEverywhere(), "the received descriptors must be closed")
     }
 
+    /// sendmsg(2) by hand, to send what `UnixSocketConnection.send` refuses: `descriptors` in one SCM_RIGHTS message.
+    func sendRaw(_ socket: UnixSocketConnection, payload: [UInt8], descriptors: [Int32]) throws {
+        var control = ControlBuffer().with(rights: descriptors).bytes
+        var payload = payload
+        let sent = payload.withUnsafeMutableBytes { bytes in
+            control.withUnsafeMutableBytes { control in
+                var vector = iovec(iov_base: bytes.baseAddress, iov_len: bytes.count)
+                return withUnsafeMutablePointer(to: &vector) { vector in
+                    var header = msghdr(msg_name: nil, msg_namelen: 0, msg_iov: vector, msg_iovlen: 1,
+                                        msg_control: control.baseAddress, msg_controllen: control.count, msg_flags: 0)
+                    return sendmsg(socket.fileDescriptor, &header, Int32(MSG_NOSIGNAL))
+                }
+            }
+        }
+        guard sent == payload.count else { throw ChildProcessError("sendmsg failed: \(errno)") }
+    }
+
+    @Test(.timeLimit(.minutes(1)))
+    func moreDescriptorsThanTheControlBufferHoldsAreTruncatedAndClosed() async throws {
+        // 17 copies of one probe: the kernel installs the 16 that fit, sets MSG_CTRUNC and drops the 17th itself.
+        let (a, b) = try socketPair()
+        let probe = try ClosureProbe()
+        try sendRaw(a, payload: Array("17".utf8), descriptors: [Int32](repeating: probe.passed, count: 17))
+        do {
+            _ = try await b.receive(timeout: .seconds(5))
+            Issue.record("accepted a message whose descriptors were cut")
+        } catch {
+            #expect(error.code == .descriptorsTruncated)
+        }
+        #expect(probe.isClosedEverywhere(), "the 16 received copies must be closed")
+    }
+
     @Test(.timeLimit(.minutes(1)))
     func descriptorThatIsNotAUserfaultfdIsRefused() async throws {
         let (a, b) = try socketPair()
