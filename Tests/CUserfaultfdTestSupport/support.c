@@ -64,6 +64,12 @@ unsigned char cuffd_test_read_byte(const volatile void *addr) { return *(const v
 
 void cuffd_test_write_byte(volatile void *addr, unsigned char value) { *(volatile unsigned char *)addr = value; }
 
+// Not instrumented by ThreadSanitizer: TSan records a store before it executes, so a store that is blocked in the
+// kernel on a write-protect fault looks done to it, and a test checking that the write has NOT landed yet would be
+// reported as racing with it.
+__attribute__((no_sanitize("thread")))
+unsigned char cuffd_test_peek_byte(const volatile void *addr) { return *(const volatile unsigned char *)addr; }
+
 int cuffd_test_gettid(void) { return (int)syscall(SYS_gettid); }
 
 // MARK: - Fork

@@ -32,6 +32,10 @@ unsigned char cuffd_test_read_byte(const volatile void *addr);
 /// A volatile one-byte write.
 void cuffd_test_write_byte(volatile void *addr, unsigned char value);
 
+/// Reads one byte without ThreadSanitizer instrumentation: for memory a blocked writer (a write-protect fault) may be
+/// about to store to, where the test checks that the store has not landed.
+unsigned char cuffd_test_peek_byte(const volatile void *addr);
+
 /// gettid(2) of the calling thread.
 int cuffd_test_gettid(void);
 
