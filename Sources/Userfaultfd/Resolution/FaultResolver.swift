@@ -406,19 +406,18 @@ public actor FaultResolver {
         } else {
             limit = max(segment.pages.lowerBound, region.dataPages)..<segment.pages.upperBound
         }
-        let sequential = index == region.nextExpectedPage
         let maximumPages = pool.bufferSize / region.pageSize
-        let pages = region.cluster(for: index, within: limit, readahead: options.readahead, maximumPages: maximumPages)
-        let fetch = makeFetch(region: region, segment: segment, pages: pages)
+        let cluster = region.cluster(for: index, within: limit, readahead: options.readahead, maximumPages: maximumPages)
+        let fetch = makeFetch(region: region, segment: segment, pages: cluster.pages)
         fetch.waiters.append(FaultWaiter(page: index, readAt: readAt))
         start(fetch)
-        // Asynchronous readahead: once a stream is established (sequential faults grew the window to its maximum),
+        // Asynchronous readahead: once a stream is established (sequential faults grew its window to the maximum),
         // also bring in the next window while the application reads this one, like the kernel's async readahead, so
         // reading and resolving overlap. Short or random access never reads ahead of its faults.
-        if sequential, options.readahead.readsAhead,
-           region.windowPages >= options.readahead.maximumPages(pageSize: region.pageSize),
-           let ahead = region.window(after: pages.upperBound, within: limit, maximumPages: maximumPages) {
-            region.nextExpectedPage = ahead.upperBound
+        if options.readahead.readsAhead,
+           let ahead = region.windowAhead(of: cluster, within: limit,
+                                          maximumWindow: options.readahead.maximumPages(pageSize: region.pageSize),
+                                          maximumPages: maximumPages) {
             let fetch = makeFetch(region: region, segment: segment, pages: ahead)
             fetch.isReadahead = true
             start(fetch)
@@ -436,7 +435,7 @@ public actor FaultResolver {
             if region.isFree(index) {
                 let cluster = region.cluster(for: index, within: segment.pages, readahead: options.readahead,
                                              maximumPages: pool.bufferSize / region.pageSize)
-                let pages = index..<max(index + 1, cluster.upperBound)
+                let pages = index..<max(index + 1, cluster.pages.upperBound)
                 let range = MemoryRange(start: segment.address(of: index), length: pages.count * region.pageSize)
                 do throws(UserfaultError) {
                     try uffd.continue(range)

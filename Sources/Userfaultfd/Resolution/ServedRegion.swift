@@ -27,9 +27,8 @@ final class ServedRegion {
     /// `UFFDIO_CONTINUE`), page `i` of the region being page `i` of the file.
     let sharedFile: SharedMemoryFile?
 
-    // Readahead state.
-    var nextExpectedPage = -1
-    var windowPages: Int
+    /// Readahead state: the sequential streams faulting in this region.
+    var streams: ReadaheadStreams
 
     init(id: Int, length: Int, provider: any PageProvider, providerOffset: Int, pageSize: Int, readahead: ReadaheadPolicy,
          sharedFile: SharedMemoryFile? = nil, zeroByCopy: Bool = false) throws(UserfaultError) {
@@ -51,7 +50,7 @@ final class ServedRegion {
         removed = try PageBitmap(pages: pageCount)
         self.zeroByCopy = zeroByCopy || pageSize > systemPageSize
         self.sharedFile = sharedFile
-        windowPages = readahead.initialPages(pageSize: pageSize)
+        streams = ReadaheadStreams(initialWindow: readahead.initialPages(pageSize: pageSize))
         alignmentPages = readahead == .none ? 1 : max(1, provider.preferredReadSize / pageSize)
     }
 
@@ -61,16 +60,26 @@ final class ServedRegion {
     /// Removed under the zero-fill policy, neither present nor being fetched: a page that gets zeros.
     @inline(__always) func isRemovedAndFree(_ page: Int) -> Bool { removed[page] && !present[page] && !inFlight[page] }
 
-    /// The pages one fault at `page` brings in: grown by readahead, aligned to the provider's read size, clipped to
-    /// `limit` (the segment and the data) and to `maximumPages` (a buffer's size), never over a page present or in flight.
-    func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Range<Int> {
+    /// The pages one fault brings in, and the readahead stream it belongs to.
+    struct Cluster {
+        var pages: Range<Int>
+        /// The stream in ``ServedRegion/streams`` (nil without readahead).
+        var stream: Int?
+        /// Whether the fault continued its stream (it came right where the stream's last cluster ended).
+        var continuesStream: Bool
+    }
+
+    /// The pages one fault at `page` brings in: grown by readahead (per sequential stream), aligned to the provider's
+    /// read size, clipped to `limit` (the segment and the data) and to `maximumPages` (a buffer's size), never over a
+    /// page present or in flight.
+    func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Cluster {
         let maximum = readahead.maximumPages(pageSize: pageSize)
-        if readahead == .none {
-            windowPages = 1
-        } else if page == nextExpectedPage {
-            windowPages = min(windowPages * 2, maximum)
-        } else {
-            windowPages = readahead.initialPages(pageSize: pageSize)
+        var stream: (index: Int, continues: Bool)?
+        var windowPages = 1
+        if readahead != .none {
+            let found = streams.stream(for: page, initialWindow: readahead.initialPages(pageSize: pageSize), maximum: maximum)
+            windowPages = streams[found.index].windowPages
+            stream = found
         }
         let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
         var lower = page
@@ -79,17 +88,24 @@ final class ServedRegion {
         let target = min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
         var upper = page + 1
         while upper < target && isFree(upper) { upper += 1 }
-        nextExpectedPage = upper
-        return lower..<upper
+        if let stream { streams[stream.index].nextPage = upper }
+        return Cluster(pages: lower..<upper, stream: stream?.index, continuesStream: stream?.continues ?? false)
     }
 
-    /// The free pages from `page` on, up to the current readahead window (and `limit`, and `maximumPages`): the next
-    /// window of a sequential stream, fetched ahead of its faults. Nil when `page` is not free or past the limit.
-    func window(after page: Int, within limit: Range<Int>, maximumPages: Int) -> Range<Int>? {
+    /// For a fault that continued an established stream (its window at `maximumWindow` pages): the free pages after
+    /// its cluster, one window's worth (clipped to `limit` and `maximumPages`), to fetch ahead of the stream's faults;
+    /// the stream then expects its next fault after them. Nil when the stream is not established, or the page after
+    /// the cluster is not free or past the limit.
+    func windowAhead(of cluster: Cluster, within limit: Range<Int>, maximumWindow: Int, maximumPages: Int) -> Range<Int>? {
+        guard cluster.continuesStream, let stream = cluster.stream, streams[stream].windowPages >= maximumWindow else {
+            return nil
+        }
+        let page = cluster.pages.upperBound
         guard page < limit.upperBound, page >= limit.lowerBound, isFree(page) else { return nil }
-        let target = min(limit.upperBound, page + min(windowPages, maximumPages))
+        let target = min(limit.upperBound, page + min(streams[stream].windowPages, maximumPages))
         var upper = page + 1
         while upper < target && isFree(upper) { upper += 1 }
+        streams[stream].nextPage = upper
         return page..<upper
     }
 
