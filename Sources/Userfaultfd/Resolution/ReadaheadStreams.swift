@@ -12,8 +12,10 @@ struct ReadaheadStreams {
     static let capacity = 8
 
     struct Stream {
-        /// The page right after this stream's last cluster: a fault there continues the stream.
+        /// The page right after this stream's last cluster: a fault there continues the stream forwards.
         var nextPage = -1
+        /// The first page of this stream's last cluster: a fault on the page before it continues the stream backwards.
+        var firstPage = -1
         /// The stream's current window, in pages.
         var windowPages: Int
         /// When the stream was last continued or started (a counter, for least-recently-used replacement).
@@ -27,21 +29,33 @@ struct ReadaheadStreams {
         streams = Array(repeating: Stream(windowPages: initialWindow), count: Self.capacity)
     }
 
-    /// The stream a fault at `page` belongs to: the one whose next page it is (window doubled, up to `maximum`
-    /// pages), or a new one with `initialWindow` pages in the least recently used slot.
-    mutating func stream(for page: Int, initialWindow: Int, maximum: Int) -> (index: Int, continues: Bool) {
+    /// How a fault relates to the stream it was given.
+    enum Continuation {
+        /// A new stream: the fault continued none.
+        case starts
+        /// Right after the stream's last cluster.
+        case forwards
+        /// Right before the stream's last cluster.
+        case backwards
+    }
+
+    /// The stream a fault at `page` belongs to: the one it continues, forwards or backwards (window doubled, up to
+    /// `maximum` pages), or a new one with `initialWindow` pages in the least recently used slot.
+    mutating func stream(for page: Int, initialWindow: Int, maximum: Int) -> (index: Int, continuation: Continuation) {
         clock &+= 1
         var oldest = 0
         for index in streams.indices {
-            if streams[index].nextPage == page {
+            let continuation: Continuation? = streams[index].nextPage == page ? .forwards
+                : (streams[index].firstPage > 0 && streams[index].firstPage - 1 == page) ? .backwards : nil
+            if let continuation {
                 streams[index].windowPages = min(streams[index].windowPages * 2, maximum)
                 streams[index].lastUse = clock
-                return (index, true)
+                return (index, continuation)
             }
             if streams[index].lastUse < streams[oldest].lastUse { oldest = index }
         }
         streams[oldest] = Stream(windowPages: initialWindow, lastUse: clock)
-        return (oldest, false)
+        return (oldest, .starts)
     }
 
     subscript(index: Int) -> Stream {

@@ -65,39 +65,42 @@ final class ServedRegion {
         var pages: Range<Int>
         /// The stream in ``ServedRegion/streams`` (nil without readahead).
         var stream: Int?
-        /// Whether the fault continued its stream (it came right where the stream's last cluster ended).
-        var continuesStream: Bool
+        /// How the fault related to its stream.
+        var continuation: ReadaheadStreams.Continuation
     }
 
-    /// The pages one fault at `page` brings in: grown by readahead (per sequential stream), aligned to the provider's
-    /// read size, clipped to `limit` (the segment and the data) and to `maximumPages` (a buffer's size), never over a
-    /// page present or in flight.
+    /// The pages one fault at `page` brings in: grown by readahead (per sequential stream; below the page for a stream
+    /// going backwards), aligned to the provider's read size, clipped to `limit` (the segment and the data) and to
+    /// `maximumPages` (a buffer's size), never over a page present or in flight.
     func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Cluster {
         let maximum = readahead.maximumPages(pageSize: pageSize)
-        var stream: (index: Int, continues: Bool)?
-        var windowPages = 1
-        if readahead != .none {
-            let found = streams.stream(for: page, initialWindow: readahead.initialPages(pageSize: pageSize), maximum: maximum)
-            windowPages = streams[found.index].windowPages
-            stream = found
-        }
-        let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
-        var lower = page
-        while lower > alignedStart && isFree(lower - 1) { lower -= 1 }
         let cap = min(max(maximum, alignmentPages), maximumPages)
-        let target = min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
-        var upper = page + 1
-        while upper < target && isFree(upper) { upper += 1 }
-        if let stream { streams[stream.index].nextPage = upper }
-        return Cluster(pages: lower..<upper, stream: stream?.index, continuesStream: stream?.continues ?? false)
+        guard readahead != .none else {
+            return Cluster(pages: page..<page + 1, stream: nil, continuation: .starts)
+        }
+        let stream = streams.stream(for: page, initialWindow: readahead.initialPages(pageSize: pageSize), maximum: maximum)
+        let windowPages = streams[stream.index].windowPages
+        var lower = page, upper = page + 1
+        if stream.continuation == .backwards {
+            let floor = max(limit.lowerBound, page + 1 - min(windowPages, cap))
+            while lower > floor && isFree(lower - 1) { lower -= 1 }
+        } else {
+            let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
+            while lower > alignedStart && isFree(lower - 1) { lower -= 1 }
+            let target = min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
+            while upper < target && isFree(upper) { upper += 1 }
+        }
+        streams[stream.index].firstPage = lower
+        streams[stream.index].nextPage = upper
+        return Cluster(pages: lower..<upper, stream: stream.index, continuation: stream.continuation)
     }
 
-    /// For a fault that continued an established stream (its window at `maximumWindow` pages): the free pages after
+    /// For a fault that continued an established stream forwards (its window at `maximumWindow` pages): the free pages after
     /// its cluster, one window's worth (clipped to `limit` and `maximumPages`), to fetch ahead of the stream's faults;
     /// the stream then expects its next fault after them. Nil when the stream is not established, or the page after
     /// the cluster is not free or past the limit.
     func windowAhead(of cluster: Cluster, within limit: Range<Int>, maximumWindow: Int, maximumPages: Int) -> Range<Int>? {
-        guard cluster.continuesStream, let stream = cluster.stream, streams[stream].windowPages >= maximumWindow else {
+        guard cluster.continuation == .forwards, let stream = cluster.stream, streams[stream].windowPages >= maximumWindow else {
             return nil
         }
         let page = cluster.pages.upperBound

@@ -3,17 +3,20 @@ import Userfaultfd
 
 extension ResolutionTests {
     /// Readahead follows several interleaved sequential streams, as glibc's `memcpy` of a large buffer makes (it reads
-    /// four far-apart parts in turn): each stream grows its own window, so the faults stay far fewer than the pages.
+    /// four far-apart parts in turn, and copies from the end when source and destination share their page offset):
+    /// each stream grows its own window, forwards or backwards, so the faults stay far fewer than the pages.
     @Suite("Readahead streams")
     struct ReadaheadStreams {
-        /// One thread walks `streams` equal parts of a region in turn (page 0 of each part, then page 1 of each, ...).
-        @Test(.timeLimit(.minutes(1)), arguments: [1, 2, 4, 8])
-        func interleavedStreamsEachGetReadahead(streams: Int) async throws {
+        /// One thread walks `streams` equal parts of a region in turn (page 0 of each part, then page 1 of each, ...;
+        /// or from each part's last page down).
+        @Test(.timeLimit(.minutes(1)), arguments: [1, 2, 4, 8], [false, true])
+        func interleavedStreamsEachGetReadahead(streams: Int, backwards: Bool) async throws {
             let pageSize = systemPageSize, partPages = 512
             let regionPages = streams * partPages
             let source = SeededBytes.make(count: regionPages * pageSize, seed: UInt64(60 + streams))
             let provider = MemoryProvider(source)
-            let order = (0..<partPages).flatMap { step in (0..<streams).map { $0 * partPages + step } }
+            let steps = backwards ? Array((0..<partPages).reversed()) : Array(0..<partPages)
+            let order = steps.flatMap { step in (0..<streams).map { $0 * partPages + step } }
             try await withFaultWatchdog(seconds: 30) { scope in
                 try await withWatchedRegion(scope, length: regionPages * pageSize, provider: provider,
                                             options: .init(readahead: .default)) { region in
@@ -24,7 +27,7 @@ extension ResolutionTests {
                     let stats = await region.settledStatistics
                     // One stream alone doubles from 1 page to 256 (1 MiB): 9 faults per 511 pages, then one per
                     // window. Each of the interleaved streams must do about as well: far below one fault per page.
-                    #expect(stats.faults <= streams * 16, "\(streams) streams over \(regionPages) pages: \(stats)")
+                    #expect(stats.faults <= streams * 16, "\(streams) streams (backwards: \(backwards)) over \(regionPages) pages: \(stats)")
                     #expect(stats.pagesCopied == regionPages, "\(stats)")
                 }
             }
