@@ -197,12 +197,14 @@ extension ReliabilityTests {
                     let healthyTimeouts = reported.keys.filter { !stalledPages.contains($0) }.count
                     if healthyTimeouts > 0 { print("providerErrorsDelaysAndStallsUnderLoad: \(healthyTimeouts) healthy reads passed the timeout") }
                     #expect(region.statistics.faults >= pages, "\(region.statistics)")
-                    // The failed first attempts were retried, not reported: such a page was read exactly twice.
+                    // The failed first attempts were retried, not reported: such a page was read at least twice (a
+                    // retry that a starved machine lets time out is retried again, up to the policy's attempts).
                     let retried = attempts.withLock { counts in
                         counts.filter { $0.key % 3 == 0 && reported[$0.key] == nil }
                     }
                     #expect(!retried.isEmpty, "failed first attempts were retried")
-                    #expect(retried.allSatisfy { $0.value == 2 }, "\(retried.filter { $0.value != 2 }.prefix(10))")
+                    let wrongCounts = retried.filter { $0.value < 2 || $0.value > 3 }.map { "page \($0.key): \($0.value) reads" }
+                    #expect(wrongCounts.isEmpty, "\(wrongCounts.prefix(10))")
                 }
             }
         }
