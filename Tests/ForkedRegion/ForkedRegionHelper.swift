@@ -5,7 +5,8 @@
 // read the event, and the region gets a userfaultfd for each of those children. In the parallel test runner that couples
 // unrelated tests, so the scenario lives here, where the only fork is its own.
 //
-//   uffd-forked-region --serve      the region opts in: the child's fault is served with the provider's byte
+//   uffd-forked-region --serve      the region opts in: the child's fault is served with the provider's byte, and
+//                                   once the child has exited its resolver is let go (forkedChildrenExited)
 //   uffd-forked-region --no-serve   it does not: the child's copy of the page is ordinary (zero) anonymous memory
 //
 // Either way the parent's page is still missing after the child ran (the child's fault never reaches the parent's
@@ -82,6 +83,15 @@ enum ForkScenario {
             guard parentFaultsBefore == 0 else {
                 throw ScenarioFailure(description: "the parent's resolver saw \(parentFaultsBefore) faults from the child's read")
             }
+            // The child has exited: its resolver is let go within about a second (no event says so; it is probed).
+            let exitDeadline = ContinuousClock.now + .seconds(5)
+            while serving && region.statistics.forkedChildrenExited == 0 && ContinuousClock.now < exitDeadline {
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+            let exited = region.statistics.forkedChildrenExited
+            guard exited == (serving ? 1 : 0) else {
+                throw ScenarioFailure(description: "forkedChildrenExited is \(exited) 5 s after the child exited, expected \(serving ? 1 : 0)")
+            }
             // The parent's own page: still missing here, faulted in by this read.
             let parentByte = await readOnThread(address)
             guard parentByte == expected else {
@@ -91,7 +101,7 @@ enum ForkScenario {
             guard parentFaultsAfter == 1 else {
                 throw ScenarioFailure(description: "the parent's read raised \(parentFaultsAfter) faults in its resolver, expected 1")
             }
-            return "serving=\(serving) childStatus=\(status) forkedChildrenServed=\(served) parentFaults=\(parentFaultsBefore)->\(parentFaultsAfter)"
+            return "serving=\(serving) childStatus=\(status) forkedChildrenServed=\(served) forkedChildrenExited=\(exited) parentFaults=\(parentFaultsBefore)->\(parentFaultsAfter)"
         }
     }
 

@@ -60,7 +60,10 @@ public actor FaultResolver {
         public var installWriteProtected: Bool
         /// Serve forked children too (needs ``UserfaultFeatures/eventFork``): on a FORK event the child's userfaultfd gets
         /// a resolver of its own with the same providers and layout, so the child's faults get the same data; the
-        /// parent is unaffected. Such children are not offered on ``FaultResolver/forkedChildren``.
+        /// parent is unaffected. Such children are not offered on ``FaultResolver/forkedChildren``. A child's exit
+        /// sends no event; its userfaultfd is probed about once a second
+        /// (``UserfaultFD/addressSpaceHasExited(probing:)``) and its resolver let go once the child is gone
+        /// (``ResolverStatistics/forkedChildrenExited``).
         public var serveForkedChildren: Bool
 
         /// Options; every one has a default suited to a local provider.
@@ -123,8 +126,13 @@ public actor FaultResolver {
     var writeProtectHandler: (@Sendable (PageFault) -> Void)?
     /// The mapping of the region that owns the memory (``LazyRegion``), told about REMAP and UNMAP.
     var ownedMapping: RegionMapping?
-    /// Resolvers of forked children served under ``Options/serveForkedChildren``; closed with this one.
-    var childResolvers: [FaultResolver] = []
+    /// Resolvers of forked children served under ``Options/serveForkedChildren``, each with a page of its range to
+    /// probe for the child's exit; closed with this one, or when their child has exited.
+    var childResolvers: [(resolver: FaultResolver, probePage: UInt?)] = []
+    /// Whether a check for exited children is scheduled.
+    var childExitCheckScheduled = false
+    /// How often the userfaultfds of served children are checked for an exited process.
+    static let childExitCheckInterval: Duration = .seconds(1)
 
     /// A resolver for `uffd`'s faults.
     public init(uffd: UserfaultFD, options: Options = Options()) {
@@ -478,8 +486,9 @@ public actor FaultResolver {
         let layout = segments.filter { $0.region.sharedFile == nil }.map {
             ($0.range, $0.region.provider, $0.region.providerOffset + $0.firstPage * $0.region.pageSize, $0.region.pageSize)
         }
-        childResolvers.append(resolver)
+        childResolvers.append((resolver, layout.first?.0.start))
         counters.withLock { $0.forkedChildrenServed += 1 }
+        scheduleChildExitCheck()
         Task(executorPreference: child.eventExecutor) {
             do {
                 for (range, provider, offset, pageSize) in layout {
@@ -493,6 +502,30 @@ public actor FaultResolver {
         }
     }
 
+
+    /// A child's process exits without any event on its userfaultfd, which would keep its resolver (reader, queue,
+    /// page bitmaps) for the life of this one: a long-lived server forking many children would leak them. So, while
+    /// children are served, each is probed about once a second, and let go once its address space is gone.
+    private func scheduleChildExitCheck() {
+        guard !childExitCheckScheduled else { return }
+        childExitCheckScheduled = true
+        executor.asyncAfter(Self.childExitCheckInterval) { [weak self] in
+            self?.assumeIsolated { $0.releaseExitedChildren() }
+        }
+    }
+
+    private func releaseExitedChildren() {
+        childExitCheckScheduled = false
+        var exited = 0
+        childResolvers.removeAll { child in
+            guard let page = child.probePage, child.resolver.uffd.addressSpaceHasExited(probing: page) else { return false }
+            child.resolver.uffd.close()
+            exited += 1
+            return true
+        }
+        if exited > 0 { counters.withLock { $0.forkedChildrenExited += exited } }
+        if !childResolvers.isEmpty { scheduleChildExitCheck() }
+    }
 
     private func report(decodeError error: UserfaultError) {
         errorChannel.continuation.yield(RegionError(
@@ -508,7 +541,7 @@ public actor FaultResolver {
     func readerFinished(_ error: UserfaultError?) {
         if let error { report(decodeError: error) }
         cancel()
-        for child in childResolvers { child.uffd.close() }
+        for child in childResolvers { child.resolver.uffd.close() }
         childResolvers.removeAll()
         errorChannel.continuation.finish()
         forkChannel.continuation.finish()

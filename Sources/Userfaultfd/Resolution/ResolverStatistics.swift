@@ -31,6 +31,8 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     public var minorFaults = 0
     /// Forked children given a resolver of their own (``FaultResolver/Options/serveForkedChildren``).
     public var forkedChildrenServed = 0
+    /// Of those, children whose process has exited and whose resolver was let go (checked about once a second).
+    public var forkedChildrenExited = 0
     /// Fault-to-wake latency: from reading the fault message to the ioctl that woke the thread.
     public var latency = LatencyHistogram()
 

@@ -66,8 +66,9 @@ struct RegionEventTests {
         }
     }
 
-    /// fork with `serveForkedChildren`: the child's fault gets the provider's byte, and the parent is unaffected (its
-    /// page is still missing afterwards, and its resolver never saw the child's fault). Without the option the child's
+    /// fork with `serveForkedChildren`: the child's fault gets the provider's byte, the child's resolver is let go once
+    /// it has exited, and the parent is unaffected (its page is still missing afterwards, and its resolver never saw the
+    /// child's fault). Without the option the child's
     /// copy is ordinary anonymous memory (it reads a zero).
     ///
     /// Run in a child process (`uffd-forked-region`, Tests/ForkedRegion): an EVENT_FORK userfaultfd makes every fork in
@@ -81,8 +82,8 @@ struct RegionEventTests {
         #expect(!outcome.timedOut)
         #expect(outcome.status == 0, "uffd-forked-region failed: \(outcome.stderr)")
         let expected = serving
-            ? "OK serving=true childStatus=0 forkedChildrenServed=1 parentFaults=0->1"
-            : "OK serving=false childStatus=3 forkedChildrenServed=0 parentFaults=0->1"
+            ? "OK serving=true childStatus=0 forkedChildrenServed=1 forkedChildrenExited=1 parentFaults=0->1"
+            : "OK serving=false childStatus=3 forkedChildrenServed=0 forkedChildrenExited=0 parentFaults=0->1"
         #expect(outcome.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == expected, "stderr: \(outcome.stderr)")
     }
 

@@ -171,25 +171,9 @@ struct DirtyTrackerTests {
         let pageCount = 16
         let features: UserfaultFeatures = engine == .asyncScan ? [.pagefaultFlagWP, .wpAsync, .wpUnpopulated] : [.pagefaultFlagWP, .wpUnpopulated]
         try await withFaultWatchdog(seconds: 30) { scope in
-            // The clone sleeps in the kernel while another test's EVENT_FORK userfaultfd has not read its FORK event:
-            // never on a pool thread.
-            let spawner = OffPoolThread(name: "uffd-track-spawn") { () -> (pid: pid_t, command: Int32, reply: Int32, errno: Int32) in
-                var commandFD: Int32 = -1, replyFD: Int32 = -1
-                let pid = cuffd_test_spawn_tracked_child(pageCount, features.rawValue, &commandFD, &replyFD)
-                return (pid, commandFD, replyFD, errno)
-            }
-            let (pid, commandFD, replyFD, spawnErrno) = await spawner.value
-            guard pid > 0 else { throw TestFailure("clone failed: \(spawnErrno)") }
-            scope.track(child: pid)
-            defer { close(commandFD); close(replyFD) }
-            #expect(await waitReadable(replyFD, seconds: 10))
-            var address: UInt64 = 0, childUFFD: Int32 = -1
-            let status = cuffd_test_read_child_hello(replyFD, &address, &childUFFD)
-            try #require(status == 0, "the child failed to set up (\(status))")
-            let descriptor = cuffd_test_pidfd_getfd(pid, childUFFD)
-            try #require(descriptor >= 0, "pidfd_getfd: \(errno)")
-            let uffd = scope.track(try UserfaultFD(adopting: descriptor, enabledFeatures: features))
-            let range = MemoryRange(start: UInt(address), length: pageCount * systemPageSize)
+            let child = try await TrackedChild.spawn(scope, pageCount: pageCount, features: features)
+            let (pid, commandFD, replyFD, uffd, range) = (child.pid, child.commandFD, child.replyFD, child.uffd, child.range)
+            defer { child.closePipes() }
             let tracker = try DirtyTracker(range: range, uffd: uffd, pid: pid, registering: false)
             #expect(tracker.engine == engine)
             try await tracker.start()
@@ -206,8 +190,7 @@ struct DirtyTrackerTests {
                 #expect(await childWrites(pattern))
                 #expect(Self.pages(try await tracker.collect(), from: range.start) == Set(pattern))
             }
-            var quit = UInt32.max
-            _ = Glibc.write(commandFD, &quit, 4)
+            child.quit()
             #expect(await waitForChild(pid, seconds: 10) == 0)
             scope.reaped(child: pid)
         }
