@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -25,10 +26,28 @@ static void child_fail(int reply, int status) {
     _exit(status);
 }
 
-pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int *command_fd, int *reply_fd) {
+// Sends the hello with the userfaultfd attached (SCM_RIGHTS): the way a process hands its faults to a tracker.
+static int send_hello_with_uffd(int socket, const struct tracked_child_hello *hello, int uffd) {
+    union {
+        char bytes[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct iovec iov = { .iov_base = (void *)hello, .iov_len = sizeof *hello };
+    struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                              .msg_controllen = sizeof control.bytes };
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &uffd, sizeof(int));
+    return sendmsg(socket, &message, 0) == (ssize_t)sizeof *hello ? 0 : -1;
+}
+
+pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_over, int *command_fd, int *reply_fd) {
     int commands[2], replies[2];
     if (pipe2(commands, O_CLOEXEC) != 0) return -1;
-    if (pipe2(replies, O_CLOEXEC) != 0) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, replies) != 0) {
         close(commands[0]);
         close(commands[1]);
         return -1;
@@ -55,7 +74,11 @@ pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int *comma
         uint64_t reg[4] = { (uint64_t)(uintptr_t)memory, length, 2 /* WP */, 0 };
         if (ioctl(uffd, 0xC020AA00, reg) != 0) child_fail(4, 13);
         struct tracked_child_hello hello = { (uint64_t)(uintptr_t)memory, uffd, 0 };
-        if (write(4, &hello, sizeof hello) != (ssize_t)sizeof hello) _exit(14);
+        if (hand_over) {
+            if (send_hello_with_uffd(4, &hello, uffd) != 0) _exit(14);
+        } else if (write(4, &hello, sizeof hello) != (ssize_t)sizeof hello) {
+            _exit(14);
+        }
         for (;;) {
             uint32_t page;
             ssize_t got = read(3, &page, sizeof page);

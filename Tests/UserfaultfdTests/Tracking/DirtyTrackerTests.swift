@@ -165,13 +165,15 @@ struct DirtyTrackerTests {
         return earliest...latest
     }
 
-    /// A child process's memory, tracked here through the child's own userfaultfd (copied in with pidfd_getfd) and pid.
-    @Test(.timeLimit(.minutes(1)), arguments: engines)
-    func tracksAnotherProcess(engine: DirtyTracker.Engine) async throws {
+    /// A child process's memory, tracked here through the child's own userfaultfd and pid: the userfaultfd copied in
+    /// with pidfd_getfd, or handed over by the child over a Unix socket (SCM_RIGHTS) — one process asking another to
+    /// track its writes.
+    @Test(.timeLimit(.minutes(1)), arguments: engines, [false, true])
+    func tracksAnotherProcess(engine: DirtyTracker.Engine, handedOver: Bool) async throws {
         let pageCount = 16
         let features: UserfaultFeatures = engine == .asyncScan ? [.pagefaultFlagWP, .wpAsync, .wpUnpopulated] : [.pagefaultFlagWP, .wpUnpopulated]
         try await withFaultWatchdog(seconds: 30) { scope in
-            let child = try await TrackedChild.spawn(scope, pageCount: pageCount, features: features)
+            let child = try await TrackedChild.spawn(scope, pageCount: pageCount, features: features, handOver: handedOver)
             let (pid, commandFD, replyFD, uffd, range) = (child.pid, child.commandFD, child.replyFD, child.uffd, child.range)
             defer { child.closePipes() }
             let tracker = try DirtyTracker(range: range, uffd: uffd, pid: pid, registering: false)
