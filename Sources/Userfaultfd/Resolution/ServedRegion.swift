@@ -80,16 +80,21 @@ final class ServedRegion {
         }
         let stream = streams.stream(for: page, initialWindow: readahead.initialPages(pageSize: pageSize), maximum: maximum)
         let windowPages = streams[stream.index].windowPages
+        let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
         var lower = page, upper = page + 1
         if stream.continuation == .backwards {
-            let floor = max(limit.lowerBound, page + 1 - min(windowPages, cap))
+            // The window below the page, its start rounded down to the provider's read size (so a remote provider
+            // reads whole blocks, each once), never more than a buffer.
+            let windowStart = page + 1 - windowPages
+            let floor = max(limit.lowerBound, page + 1 - cap, min(alignedStart, windowStart - windowStart % alignmentPages))
             while lower > floor && isFree(lower - 1) { lower -= 1 }
         } else {
-            let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
             while lower > alignedStart && isFree(lower - 1) { lower -= 1 }
-            let target = min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
-            while upper < target && isFree(upper) { upper += 1 }
         }
+        let target = stream.continuation == .backwards
+            ? min(limit.upperBound, alignedStart + alignmentPages, lower + cap)
+            : min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
+        while upper < target && isFree(upper) { upper += 1 }
         streams[stream.index].firstPage = lower
         streams[stream.index].nextPage = upper
         return Cluster(pages: lower..<upper, stream: stream.index, continuation: stream.continuation)

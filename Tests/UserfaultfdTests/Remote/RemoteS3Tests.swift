@@ -32,7 +32,8 @@ struct RemoteS3Tests {
             let touched = touchedBlocks(slices, blockSize: blockSize)
             let statistics = provider.statistics
             #expect(statistics.blocksFetched == touched.count, "\(statistics)")
-            #expect(statistics.requests - probeRequests == touched.count, "only touched blocks: \(statistics)")
+            // A retry (a request that timed out on a loaded machine) asks for the same block again: not another block.
+            #expect(statistics.requests - probeRequests - statistics.retries == touched.count, "only touched blocks: \(statistics)")
             #expect(touched.count < s3.data.count / blockSize)
         }
     }

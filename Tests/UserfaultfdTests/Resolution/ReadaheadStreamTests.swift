@@ -32,5 +32,33 @@ extension ResolutionTests {
                 }
             }
         }
+
+        /// A stream going backwards over a provider that reads in blocks (a remote object): every read is whole,
+        /// aligned blocks, and no block is read twice.
+        @Test(.timeLimit(.minutes(1)))
+        func backwardsStreamsReadWholeBlocksOnce() async throws {
+            let pageSize = systemPageSize, blockPages = 16, blocks = 8
+            let source = SeededBytes.make(count: blocks * blockPages * pageSize, seed: 70)
+            let log = CallLog()
+            let provider = ClosureProvider(size: source.count, preferredReadSize: blockPages * pageSize) { buffer, offset in
+                log.record(offset, buffer.count)
+                return .bytes(fillBuffer(buffer, from: source, at: offset))
+            }
+            try await withFaultWatchdog(seconds: 30) { scope in
+                try await withWatchedRegion(scope, length: source.count, provider: provider,
+                                            options: .init(readahead: .adaptive(maximum: blockPages * pageSize))) { region in
+                    let order = Array((0..<blocks * blockPages).reversed())
+                    guard let firstBytes = await finished(touchPagesOnThread(region, pages: order), releasing: region.uffd) else {
+                        return
+                    }
+                    #expect(firstBytes == order.map { source[$0 * pageSize] })
+                    let calls = log.all.sorted { $0.offset < $1.offset }
+                    let block = blockPages * pageSize
+                    #expect(calls.allSatisfy { $0.offset % block == 0 && $0.count % block == 0 }, "reads not in whole blocks: \(calls)")
+                    #expect(zip(calls, calls.dropFirst()).allSatisfy { $0.offset + $0.count <= $1.offset }, "a block read twice: \(calls)")
+                    #expect(calls.map(\.count).reduce(0, +) == source.count, "\(calls)")
+                }
+            }
+        }
     }
 }
