@@ -3,8 +3,10 @@
 /// One stream is not enough: glibc's `memcpy` of a large buffer reads four far-apart parts of it in turn, a merge reads
 /// two inputs, a VM boots several vCPUs. With a single "next expected page", every fault of such a pattern looks random
 /// and gets one page. Like the kernel, which keeps readahead state per open file, a region keeps a few streams: a fault
-/// right where a stream's last cluster ended continues that stream (its window doubles, up to the maximum); any other
-/// fault starts a new stream in the least recently used slot.
+/// right where a stream's last cluster ended continues that stream forwards, a fault on the page right before it
+/// continues it backwards (glibc's `memcpy` copies from the end when source and destination share their offset in a
+/// page); either way its window doubles, up to the maximum. Any other fault starts a new stream in the least recently
+/// used slot.
 ///
 /// Fixed capacity, no allocation after `init`.
 struct ReadaheadStreams {

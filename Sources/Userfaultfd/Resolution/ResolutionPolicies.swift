@@ -27,10 +27,11 @@ public indirect enum FailurePolicy: Sendable, Hashable {
 
 /// How many pages one fault brings in.
 ///
-/// Sequential faults grow the cluster, like the kernel's readahead: a fault right after a stream's previous cluster
-/// doubles that stream's window, up to `maximum` bytes; any other fault starts a new stream from `initial`. Up to 8
-/// interleaved streams per region are followed at once (a large `memcpy` reads four parts of its source in turn). Clusters never extend past the region
-/// or the provider's data, and never over a page that is present or already being fetched.
+/// Sequential faults grow the cluster, like the kernel's readahead: a fault right after (or right before) a stream's
+/// previous cluster doubles that stream's window, up to `maximum` bytes; any other fault starts a new stream from
+/// `initial`. Up to 8 interleaved streams per region are followed at once, forwards or backwards (a large `memcpy`
+/// reads four parts of its source in turn, or copies from the end). Clusters never extend past the region or the
+/// provider's data, and never over a page that is present or already being fetched.
 public enum ReadaheadPolicy: Sendable, Hashable {
     /// Strictly one page per fault (and no alignment to the provider's preferred read size).
     case none

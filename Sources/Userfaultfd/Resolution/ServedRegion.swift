@@ -73,35 +73,37 @@ final class ServedRegion {
     /// going backwards), aligned to the provider's read size, clipped to `limit` (the segment and the data) and to
     /// `maximumPages` (a buffer's size), never over a page present or in flight.
     func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Cluster {
-        let maximum = readahead.maximumPages(pageSize: pageSize)
-        let cap = min(max(maximum, alignmentPages), maximumPages)
         guard readahead != .none else {
             return Cluster(pages: page..<page + 1, stream: nil, continuation: .starts)
         }
+        let maximum = readahead.maximumPages(pageSize: pageSize)
+        let cap = min(max(maximum, alignmentPages), maximumPages)
         let stream = streams.stream(for: page, initialWindow: readahead.initialPages(pageSize: pageSize), maximum: maximum)
         let windowPages = streams[stream.index].windowPages
         let alignedStart = max(limit.lowerBound, page - page % alignmentPages)
-        var lower = page, upper = page + 1
+        let alignedEnd = alignedStart + alignmentPages
+        // Going backwards the window lies below the page, its start rounded down to the provider's read size (so a
+        // remote provider reads whole blocks, each once); otherwise above it. Never more than a buffer (`cap`).
+        let floor: Int, ceiling: Int
         if stream.continuation == .backwards {
-            // The window below the page, its start rounded down to the provider's read size (so a remote provider
-            // reads whole blocks, each once), never more than a buffer.
             let windowStart = page + 1 - windowPages
-            let floor = max(limit.lowerBound, page + 1 - cap, min(alignedStart, windowStart - windowStart % alignmentPages))
-            while lower > floor && isFree(lower - 1) { lower -= 1 }
+            floor = max(limit.lowerBound, page + 1 - cap, min(alignedStart, windowStart - windowStart % alignmentPages))
+            ceiling = alignedEnd
         } else {
-            while lower > alignedStart && isFree(lower - 1) { lower -= 1 }
+            floor = alignedStart
+            ceiling = max(page + windowPages, alignedEnd)
         }
-        let target = stream.continuation == .backwards
-            ? min(limit.upperBound, alignedStart + alignmentPages, lower + cap)
-            : min(limit.upperBound, max(page + windowPages, alignedStart + alignmentPages), lower + cap)
+        var lower = page, upper = page + 1
+        while lower > floor && isFree(lower - 1) { lower -= 1 }
+        let target = min(limit.upperBound, ceiling, lower + cap)
         while upper < target && isFree(upper) { upper += 1 }
         streams[stream.index].firstPage = lower
         streams[stream.index].nextPage = upper
         return Cluster(pages: lower..<upper, stream: stream.index, continuation: stream.continuation)
     }
 
-    /// For a fault that continued an established stream forwards (its window at `maximumWindow` pages): the free pages after
-    /// its cluster, one window's worth (clipped to `limit` and `maximumPages`), to fetch ahead of the stream's faults;
+    /// For a fault that continued an established stream forwards (its window at `maximumWindow` pages): the free pages
+    /// after its cluster, one window's worth (clipped to `limit` and `maximumPages`), to fetch ahead of the stream's faults;
     /// the stream then expects its next fault after them. Nil when the stream is not established, or the page after
     /// the cluster is not free or past the limit.
     func windowAhead(of cluster: Cluster, within limit: Range<Int>, maximumWindow: Int, maximumPages: Int) -> Range<Int>? {
