@@ -8,9 +8,8 @@ struct LifetimeTests {
     final class Weak<T: AnyObject>: @unchecked Sendable { weak var object: T? }
 
     /// Waits up to a second for `weak` to empty (a reader's cancel handler runs on its queue, asynchronously).
-    func released<T>(_ weak: Weak<T>) async throws -> Bool {
-        for _ in 0..<50 where weak.object != nil { try await Task.sleep(for: .milliseconds(20)) }
-        return weak.object == nil
+    func released<T>(_ weak: Weak<T>) async -> Bool {
+        await pollUntil(within: 1) { weak.object == nil }
     }
 
     @Test(.timeLimit(.minutes(1)))
@@ -28,7 +27,7 @@ struct LifetimeTests {
             uffd.close()
             #expect(await reader.value, "the sequence ends when the userfaultfd closes")
         }
-        #expect(try await released(weak), "the UserfaultFD (and its event reader) outlived close")
+        #expect(await released(weak), "the UserfaultFD (and its event reader) outlived close")
     }
 
     @Test(.timeLimit(.minutes(1)))
@@ -42,7 +41,7 @@ struct LifetimeTests {
                 #expect(await finished(readByteOnThread(region, at: systemPageSize + 3), releasing: region.uffd) == source[systemPageSize + 3])
             }
         }
-        #expect(try await released(resolver), "the region's FaultResolver outlived its scope")
-        #expect(try await released(uffd), "the region's UserfaultFD outlived its scope")
+        #expect(await released(resolver), "the region's FaultResolver outlived its scope")
+        #expect(await released(uffd), "the region's UserfaultFD outlived its scope")
     }
 }
