@@ -488,7 +488,7 @@ public actor FaultResolver {
         }
         childResolvers.append((resolver, layout.first?.0.start))
         counters.withLock { $0.forkedChildrenServed += 1 }
-        scheduleChildExitCheck()
+        if !layout.isEmpty { scheduleChildExitCheck() }
         Task(executorPreference: child.eventExecutor) {
             do {
                 for (range, provider, offset, pageSize) in layout {
@@ -501,7 +501,6 @@ public actor FaultResolver {
             }
         }
     }
-
 
     /// A child's process exits without any event on its userfaultfd, which would keep its resolver (reader, queue,
     /// page bitmaps) for the life of this one: a long-lived server forking many children would leak them. So, while
@@ -524,7 +523,8 @@ public actor FaultResolver {
             return true
         }
         if exited > 0 { counters.withLock { $0.forkedChildrenExited += exited } }
-        if !childResolvers.isEmpty { scheduleChildExitCheck() }
+        // A child with nothing served has no page to probe: it is let go with this resolver, not checked forever.
+        if childResolvers.contains(where: { $0.probePage != nil }) { scheduleChildExitCheck() }
     }
 
     private func report(decodeError error: UserfaultError) {
