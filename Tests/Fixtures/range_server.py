@@ -23,9 +23,14 @@ one server can host several independent scenarios:
   full_body=1         ignore Range: always 200 with the whole object
   bad_content_range=1 answer 206 with a Content-Range shifted by one
   require_bearer=T    answer 401 unless the request has "Authorization: Bearer T"
+  redirect_to=URL     every GET and HEAD answers redirect_status (default 302) with Location: URL
+  claim_size=TEXT     claim the object has TEXT bytes: HEAD's Content-Length and the total of every Content-Range say
+                      TEXT (hostile sizes, garbage); the bytes sent are still the real ones
+  short_length=1      answer 206 with a Content-Length one byte short of the range, and that many bytes
 
-GET /_stats returns {"scenarios": {key: {"get": n, "head": n, "ranges": [...], "statuses": [...], "peak": n}}, "peak": n,
-"connections": n}: peak is the most requests in flight at once, connections the TCP connections accepted.
+GET /_stats returns {"scenarios": {key: {"get": n, "head": n, "ranges": [...], "statuses": [...], "headers": [{...}],
+"peak": n}}, "peak": n, "connections": n}: peak is the most requests in flight at once, connections the TCP connections
+accepted, headers the request headers of each request (names lowercased).
 GET /_reset clears the counters.
 """
 import argparse
@@ -53,7 +58,8 @@ class State:
 
     def scenario(self, key):
         with self.lock:
-            return self.scenarios.setdefault(key, {"get": 0, "head": 0, "ranges": [], "statuses": [], "in_flight": 0, "peak": 0})
+            return self.scenarios.setdefault(key, {"get": 0, "head": 0, "ranges": [], "statuses": [], "headers": [],
+                                                 "in_flight": 0, "peak": 0})
 
 
 def version_of(data, generation):
@@ -111,6 +117,7 @@ class Handler(BaseHTTPRequestHandler):
                 scenario["get"] += 1
                 number = scenario["get"]
             scenario["ranges"].append(("HEAD " if head else "") + (self.headers.get("Range") or "-"))
+            scenario["headers"].append({name.lower(): value for name, value in self.headers.items()})
         try:
             self.answer(query, scenario, number, head)
         finally:
@@ -130,6 +137,8 @@ class Handler(BaseHTTPRequestHandler):
         etag = '"%s"' % hashlib.md5(b"%d-%d" % (len(data), generation)).hexdigest()
         last_modified = email.utils.formatdate(1_700_000_000 + generation * 1000, usegmt=True)
 
+        if "redirect_to" in query:
+            return self.send_status(integer("redirect_status", 302), head, {"Location": query["redirect_to"]})
         if "require_bearer" in query and self.headers.get("Authorization") != "Bearer " + query["require_bearer"]:
             return self.send_status(401, head)
         if head and "head_status" in query:
@@ -158,15 +167,20 @@ class Handler(BaseHTTPRequestHandler):
 
         range_header = self.headers.get("Range")
         size = len(data)
+        claimed = query.get("claim_size")
         if head or range_header is None or query.get("full_body"):
-            return self.send_body(200, data, validators, head, drop=not head and number <= integer("drop_first"))
+            return self.send_body(200, data, validators, head, drop=not head and number <= integer("drop_first"),
+                                  length=claimed if head else None)
         first, last = self.parse_range(range_header, size)
         if first is None:
             return self.send_status(416, head, {"Content-Range": "bytes */%d" % size})
         shift = 1 if query.get("bad_content_range") else 0
         headers = dict(validators)
-        headers["Content-Range"] = "bytes %d-%d/%d" % (first + shift, last + shift, size)
-        self.send_body(206, data[first:last + 1], headers, head, drop=number <= integer("drop_first"))
+        headers["Content-Range"] = "bytes %d-%d/%s" % (first + shift, last + shift, claimed or size)
+        body = data[first:last + 1]
+        if query.get("short_length"):
+            body = body[:-1]
+        self.send_body(206, body, headers, head, drop=number <= integer("drop_first"))
 
     @staticmethod
     def parse_range(header, size):
@@ -185,12 +199,12 @@ class Handler(BaseHTTPRequestHandler):
             return None, None
         return first, last
 
-    def send_body(self, status, body, headers, head, drop=False):
+    def send_body(self, status, body, headers, head, drop=False, length=None):
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", length if length is not None else str(len(body)))
         self.end_headers()
         if head:
             return

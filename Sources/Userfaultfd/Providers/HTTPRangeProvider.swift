@@ -32,7 +32,8 @@ import FoundationNetworking
 ///   and applies the region's ``FailurePolicy`` at once.
 ///
 /// Authentication travels in the URL (presigned and signed URLs: no signing here) or in ``headers``.
-/// Requests run on a `URLSession` whose callbacks use a queue of their own: nothing waits on Swift's cooperative pool.
+/// Requests run on a `URLSession` whose callbacks use a serial queue of their own, and its timeouts and backoffs use
+/// ``PoolFreeClock``'s: nothing waits on Swift's cooperative pool or libdispatch's shared workers (see <doc:Executors>).
 public final class HTTPRangeProvider: PageProvider {
     private struct State {
         /// Block index → the block read that is fetching it.

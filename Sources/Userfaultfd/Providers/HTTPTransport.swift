@@ -15,17 +15,22 @@ struct HTTPReply: Sendable {
     func header(_ name: String) -> String? { response.value(forHTTPHeaderField: name) }
 }
 
-/// Sends requests through one `URLSession` whose callbacks run on a queue of its own (never Swift's cooperative pool),
-/// each bounded by a timeout of our own, at most `limit` at a time.
+/// Sends requests through one `URLSession` whose callbacks run on a serial queue of its own (never Swift's cooperative
+/// pool), each bounded by a timeout of our own, at most `limit` at a time.
 ///
 /// Callback-based on purpose: a provider read waits on a continuation that these callbacks resume, so nothing here needs
-/// a task executor, and a thread of the pool blocked on a fault cannot delay an answer.
+/// a task executor, and a thread of the pool blocked on a fault cannot delay an answer. Serial queues on purpose: on
+/// Linux, concurrent queues and an `OperationQueue` without an underlying queue run on libdispatch's worker pool, which
+/// is also the cooperative pool; when all its threads are blocked on faults, work sent there waits about a second for a
+/// new thread. The delegate's `OperationQueue` runs on a serial `DispatchQueue`, and the timeouts and backoffs on
+/// ``PoolFreeClock``'s timer queue.
 final class HTTPTransport: Sendable {
     let session: URLSession
     private let delegate: HTTPSessionDelegate
     let limiter: RequestLimiter
     let counters: HTTPCounters
-    private let timers = DispatchQueue(label: "userfaultfd.http-range.timers", attributes: .concurrent)
+    /// The delegate queue's underlying queue (the `OperationQueue` does not keep it alive).
+    private let sessionQueue = DispatchQueue(label: "userfaultfd.http-range.session")
 
     init(maxConcurrentRequests: Int, counters: HTTPCounters) {
         self.counters = counters
@@ -36,6 +41,7 @@ final class HTTPTransport: Sendable {
         let queue = OperationQueue()
         queue.name = "userfaultfd.http-range.session"
         queue.maxConcurrentOperationCount = 1
+        queue.underlyingQueue = sessionQueue
         delegate = HTTPSessionDelegate()
         session = URLSession(configuration: configuration, delegate: delegate, delegateQueue: queue)
         limiter = RequestLimiter(limit: maxConcurrentRequests, counters: counters)
@@ -65,7 +71,7 @@ final class HTTPTransport: Sendable {
         delegate.register(task.taskIdentifier, HTTPSessionDelegate.Pending(
             url: url, bodyLimit: bodyLimit, accept: accept, counters: counters, completion: completion))
         counters.value.withLock { $0.requests += 1 }
-        timers.asyncAfter(deadline: .now() + timeout.timeInterval) { [delegate] in
+        PoolFreeClock.schedule(after: timeout) { [delegate] in
             guard let pending = delegate.remove(task.taskIdentifier) else { return }
             task.cancel()
             pending.completion(.failure(HTTPRangeError(.timeout, url: url, detail: "\(timeout)")))
@@ -74,9 +80,9 @@ final class HTTPTransport: Sendable {
         return exchange
     }
 
-    /// Calls `body` after `delay` on a queue of the transport's (not the cooperative pool).
+    /// Calls `body` after `delay` on the library's timer queue (not the cooperative pool, not libdispatch's workers).
     func after(_ delay: Duration, _ body: @escaping @Sendable () -> Void) {
-        timers.asyncAfter(deadline: .now() + delay.timeInterval, execute: body)
+        PoolFreeClock.schedule(after: delay, body)
     }
 }
 

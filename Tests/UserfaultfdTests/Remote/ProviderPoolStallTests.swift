@@ -1,0 +1,110 @@
+import CUserfaultfdTestSupport
+import Foundation
+import Glibc
+import Testing
+import Userfaultfd
+
+/// Providers must answer while every thread of Swift's cooperative pool (two here) is blocked on a fault. On Linux the
+/// pool, concurrent `DispatchQueue`s, `OperationQueue`s and Swift's own timers share libdispatch's worker pool, which
+/// waits about 1 s before it adds a thread when all of them are busy: a provider that sends its work there serves the
+/// next page only after that second. After a long enough idle time the extra threads are gone and the stall is back, so
+/// the test also runs rounds after an idle pause.
+@Suite("Remote: providers with every pool thread blocked on faults", .serialized,
+       .enabled(if: !remoteTestsSkipped, "UFFD_SKIP_REMOTE_TESTS=1"))
+struct ProviderPoolStallTests {
+    static let tasks = 16
+    /// Rounds per phase; each faults `tasks` new pages of each region.
+    static let roundsPerPhase = 2
+    /// The pause between phases: long enough for libdispatch to retire the threads it added (about 12 s measured).
+    static let idle = Duration.seconds(13)
+    /// A round takes a few milliseconds; the stall is about 1 s.
+    static let bound = Duration.milliseconds(300)
+
+    @Test("16 pool tasks faulting a FileProvider, an HTTPRangeProvider and a provider sleeping on PoolFreeClock: every round well under a second",
+          .timeLimit(.minutes(1)))
+    func noStallWithEveryPoolThreadBlocked() async throws {
+        let pageSize = systemPageSize
+        let phases = 3
+        let pages = Self.tasks * Self.roundsPerPhase * phases
+        let size = pages * pageSize
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("uffd-pool-stall-\(UUID().uuidString)").path
+        try await withRangeServer(size: size) { server in
+            try Data(server.data).write(to: URL(fileURLWithPath: path))
+            defer { unlink(path) }
+            let data = server.data
+            // One request per fault: 4 KiB blocks, no readahead, so each page is a read of its own that needs the provider.
+            let http = try await HTTPRangeProvider.open(
+                url: URL(string: server.baseURL + "/pool")!,
+                options: .init(blockSize: pageSize, requestTimeout: .seconds(10), cachedBlocks: 0))
+            let sleeping = ClosureProvider(size: size) { buffer, offset in
+                try await PoolFreeClock().sleep(for: .milliseconds(1))
+                return .bytes(data.withUnsafeBytes { buffer.copy(from: UnsafeRawBufferPointer(rebasing: $0[offset..<offset + buffer.count])) })
+            }
+            let providers: [(String, any PageProvider)] = [("file", try FileProvider(path: path)), ("http", http), ("clock", sleeping)]
+            try await withFaultWatchdog(seconds: 55) { scope in
+                let options = FaultResolver.Options(readahead: ReadaheadPolicy.none, failurePolicy: .zeroFill)
+                var regions: [(String, LazyRegion)] = []
+                for (name, provider) in providers {
+                    let region = try await LazyRegion(length: size, provider: provider, options: options)
+                    scope.track(region.uffd)
+                    regions.append((name, region))
+                }
+                // Phase p starts with provider p, after a pause: it meets the pool without extra threads (the first
+                // phase too, in a fresh test process).
+                var rounds: [(name: String, elapsed: Duration)] = []
+                for phase in 0..<phases where !scope.fired {
+                    if phase > 0 { try await Task.sleep(for: Self.idle) }
+                    let order = Array(regions[phase...] + regions[..<phase])
+                    for round in 0..<Self.roundsPerPhase {
+                        let first = (phase * Self.roundsPerPhase + round) * Self.tasks
+                        for (name, region) in order {
+                            let started = ContinuousClock.now
+                            let values = await Self.faultFromPool(region, pages: first..<first + Self.tasks)
+                            let elapsed = ContinuousClock.now - started
+                            rounds.append(("\(name) phase \(phase) round \(round)", elapsed))
+                            let expected = (first..<first + Self.tasks).map { data[$0 * pageSize + 7] }
+                            #expect(values == expected, "\(name) phase \(phase) round \(round): wrong bytes")
+                        }
+                    }
+                }
+                print("pool stall rounds: " + rounds.map { "\($0.name) \($0.elapsed)" }.joined(separator: ", "))
+                for (name, elapsed) in rounds {
+                    #expect(elapsed < Self.bound, "\(name) took \(elapsed): a provider waited for libdispatch's worker pool")
+                }
+                for (_, region) in regions { await region.close() }
+            }
+        }
+    }
+
+    @Test("PoolFreeClock: sleeps about as long as asked; a cancelled sleep throws at once", .timeLimit(.minutes(1)))
+    func poolFreeClockSleeps() async throws {
+        let clock = PoolFreeClock()
+        let started = clock.now
+        try await clock.sleep(for: .milliseconds(50))
+        let slept = clock.now - started
+        #expect(slept >= .milliseconds(50) && slept < .seconds(2), "slept \(slept)")
+
+        let sleeper = Task { try await clock.sleep(for: .seconds(30)) }
+        try await Task.sleep(for: .milliseconds(20))
+        let cancelled = clock.now
+        sleeper.cancel()
+        await #expect(throws: CancellationError.self) { try await sleeper.value }
+        #expect(clock.now - cancelled < .seconds(2))
+    }
+
+    /// Reads one byte of each page in `pages` from its own task of the global executor (each blocks its pool thread in
+    /// the kernel until the fault is resolved); the bytes, in page order.
+    static func faultFromPool(_ region: LazyRegion, pages: Range<Int>) async -> [UInt8] {
+        let base = UInt(bitPattern: region.baseAddress), pageSize = systemPageSize
+        return await withTaskGroup(of: (Int, UInt8).self) { group in
+            for page in pages {
+                group.addTask {
+                    (page, cuffd_test_read_byte(UnsafeRawPointer(bitPattern: base + UInt(page * pageSize + 7))))
+                }
+            }
+            var values = [UInt8](repeating: 0, count: pages.count)
+            for await (page, value) in group { values[page - pages.lowerBound] = value }
+            return values
+        }
+    }
+}
