@@ -7,7 +7,9 @@ Content-Range, HEAD, ETag/Last-Modified and If-Match/If-Unmodified-Since (412). 
 ended) or on SIGTERM.
 
 Fault-injection knobs come from the query string; each distinct path+query is a "scenario" with its own counters, so
-one server can host several independent scenarios:
+one server can host several independent scenarios. The knobs that count or fail GETs (fail_first, drop_first, slow_first,
+get_status, change_after, bad_content_range) leave out the size probe (a GET of exactly bytes=0-0, counted as "probe"), as they leave out
+HEAD: they are about the reads that follow it.
 
   size=N              the object is the first N bytes of the data (default: all of it)
   latency_ms=N        added to every request
@@ -26,9 +28,10 @@ one server can host several independent scenarios:
   redirect_to=URL     every GET and HEAD answers redirect_status (default 302) with Location: URL
   claim_size=TEXT     claim the object has TEXT bytes: HEAD's Content-Length and the total of every Content-Range say
                       TEXT (hostile sizes, garbage); the bytes sent are still the real ones
-  short_length=1      answer 206 with a Content-Length one byte short of the range, and that many bytes
+  short_length=1      answer 206 with a Content-Length one byte short of the range, and that many bytes (ranges of
+                      more than one byte)
 
-GET /_stats returns {"scenarios": {key: {"get": n, "head": n, "ranges": [...], "statuses": [...], "headers": [{...}],
+GET /_stats returns {"scenarios": {key: {"get": n, "head": n, "probe": n, "ranges": [...], "statuses": [...], "headers": [{...}],
 "peak": n}}, "peak": n, "connections": n}: peak is the most requests in flight at once, connections the TCP connections
 accepted, headers the request headers of each request (names lowercased).
 GET /_reset clears the counters.
@@ -58,7 +61,7 @@ class State:
 
     def scenario(self, key):
         with self.lock:
-            return self.scenarios.setdefault(key, {"get": 0, "head": 0, "ranges": [], "statuses": [], "headers": [],
+            return self.scenarios.setdefault(key, {"get": 0, "head": 0, "probe": 0, "ranges": [], "statuses": [], "headers": [],
                                                  "in_flight": 0, "peak": 0})
 
 
@@ -105,6 +108,7 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         key = self.path
         scenario = state.scenario(key)
+        probe = False
         with state.lock:
             state.in_flight += 1
             state.peak = max(state.peak, state.in_flight)
@@ -113,19 +117,23 @@ class Handler(BaseHTTPRequestHandler):
             if head:
                 scenario["head"] += 1
                 number = scenario["head"]
+            elif self.headers.get("Range") == "bytes=0-0":
+                scenario["probe"] += 1
+                number = 0  # before every counted GET
+                probe = True
             else:
                 scenario["get"] += 1
                 number = scenario["get"]
             scenario["ranges"].append(("HEAD " if head else "") + (self.headers.get("Range") or "-"))
             scenario["headers"].append({name.lower(): value for name, value in self.headers.items()})
         try:
-            self.answer(query, scenario, number, head)
+            self.answer(query, scenario, number, head, probe)
         finally:
             with state.lock:
                 state.in_flight -= 1
                 scenario["in_flight"] -= 1
 
-    def answer(self, query, scenario, number, head):
+    def answer(self, query, scenario, number, head, probe):
         state = self.server.state
         integer = lambda name, default=0: int(query.get(name, default))
         if integer("latency_ms"):
@@ -143,7 +151,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_status(401, head)
         if head and "head_status" in query:
             return self.send_status(integer("head_status"), head)
-        if not head:
+        if not head and not probe:
             if "get_status" in query:
                 return self.send_status(integer("get_status"), head)
             if number <= integer("fail_first"):
@@ -169,18 +177,18 @@ class Handler(BaseHTTPRequestHandler):
         size = len(data)
         claimed = query.get("claim_size")
         if head or range_header is None or query.get("full_body"):
-            return self.send_body(200, data, validators, head, drop=not head and number <= integer("drop_first"),
+            return self.send_body(200, data, validators, head, drop=not head and not probe and number <= integer("drop_first"),
                                   length=claimed if head else None)
         first, last = self.parse_range(range_header, size)
         if first is None:
             return self.send_status(416, head, {"Content-Range": "bytes */%d" % size})
-        shift = 1 if query.get("bad_content_range") else 0
+        shift = 1 if query.get("bad_content_range") and not probe else 0
         headers = dict(validators)
         headers["Content-Range"] = "bytes %d-%d/%s" % (first + shift, last + shift, claimed or size)
         body = data[first:last + 1]
-        if query.get("short_length"):
+        if query.get("short_length") and len(body) > 1:
             body = body[:-1]
-        self.send_body(206, body, headers, head, drop=number <= integer("drop_first"))
+        self.send_body(206, body, headers, head, drop=not probe and number <= integer("drop_first"))
 
     @staticmethod
     def parse_range(header, size):

@@ -14,13 +14,19 @@ public struct HTTPRangeError: Error, Sendable, Hashable, CustomStringConvertible
         /// The object changed since it was opened: `412 Precondition Failed` on the pinned version, or a response whose
         /// ETag, Last-Modified or total size differs from the pinned one.
         case objectChanged
-        /// A `206` whose `Content-Range` is missing, unparsable, or not the range that was asked for.
+        /// A `206` whose `Content-Range` is missing, unparsable, or not the range that was asked for, or whose
+        /// `Content-Length` disagrees with it.
         case badContentRange
         /// The server sent the whole object (`200`) for a range request, and the object is too large to take whole
         /// (``HTTPRangeProvider/Options/wholeObjectLimit``).
         case fullBodyForRange
-        /// The size of the object could not be found (no `Content-Length` on HEAD, no total in `Content-Range`).
+        /// The size of the object could not be found (no total in `Content-Range`), or a size given is negative.
         case missingSize
+        /// The server claims a size larger than ``HTTPRangeProvider/maximumObjectSize`` (more than any process can map).
+        case objectTooLarge
+        /// The server redirected the request somewhere ``HTTPRangeProvider/Options/redirects`` does not allow: another
+        /// origin (by default), or from `https` to `http` (always). The detail names the target.
+        case redirectRefused
         /// The body ended before the promised number of bytes (e.g. the connection dropped mid-body).
         case truncatedBody
         /// No complete answer within the per-request timeout.
@@ -54,13 +60,13 @@ public struct HTTPRangeError: Error, Sendable, Hashable, CustomStringConvertible
     }
 
     /// Whether another attempt would fail the same way: client errors other than 408 and 429 (403, 404, 416...), 501 and
-    /// 505, a changed object, a server that does not serve ranges or answers with the wrong range, an unknown size, an
-    /// invalid URL.
+    /// 505, a changed object, a server that does not serve ranges or answers with the wrong range, an unknown or
+    /// impossible size, a refused redirect, an invalid URL.
     public var isPermanent: Bool {
         switch code {
         case .status(let status):
             return Self.isPermanent(status: status)
-        case .objectChanged, .badContentRange, .fullBodyForRange, .missingSize, .invalidURL:
+        case .objectChanged, .badContentRange, .fullBodyForRange, .missingSize, .objectTooLarge, .redirectRefused, .invalidURL:
             return true
         case .truncatedBody, .timeout, .transport, .cancelled:
             return false
@@ -87,7 +93,9 @@ public struct HTTPRangeError: Error, Sendable, Hashable, CustomStringConvertible
         case .objectChanged: text += "the object changed since it was opened"
         case .badContentRange: text += "the response's Content-Range does not match the range asked for"
         case .fullBodyForRange: text += "the server sent the whole object for a range request (it does not serve ranges)"
-        case .missingSize: text += "the object's size is unknown (no Content-Length or Content-Range total)"
+        case .missingSize: text += "the object's size is unknown (no Content-Range total) or negative"
+        case .objectTooLarge: text += "the server claims a size larger than any process can map"
+        case .redirectRefused: text += "redirect refused"
         case .truncatedBody: text += "the body ended early"
         case .timeout: text += "no complete answer within the request timeout"
         case .transport(let message): text += "connection failed: \(message)"

@@ -4,7 +4,8 @@ extension HTTPRangeProvider {
     /// The worst case for one block is about `maxAttempts × requestTimeout` plus the backoffs: keep the resolver's
     /// ``FaultResolver/Options/providerTimeout`` above that (the defaults, 4 × 10 s here and 60 s there, fit).
     public struct Options: Sendable, Hashable {
-        /// Bytes per request, and the alignment of every request (rounded up to a multiple of 4096). Default 1 MiB.
+        /// Bytes per request, and the alignment of every request (rounded up to a multiple of 4096, at most 1 GiB).
+        /// Default 1 MiB.
         ///
         /// Also the provider's ``HTTPRangeProvider/preferredReadSize``, so a ``FaultResolver`` aligns its clusters to it.
         public var blockSize: Int
@@ -38,6 +39,9 @@ extension HTTPRangeProvider {
         public var failFastAfterPermanentError: Bool
         /// How ``HTTPRangeProvider/open(url:headers:options:)`` finds the size. Default ``SizeProbe/automatic``.
         public var sizeProbe: SizeProbe
+        /// Which redirects are followed. Default ``RedirectPolicy/sameOrigin``: a redirect to another scheme, host or
+        /// port fails with ``HTTPRangeError/Code/redirectRefused`` before anything is sent there.
+        public var redirects: RedirectPolicy
 
         /// Options with the defaults above, any of them overridden.
         public init(
@@ -52,7 +56,8 @@ extension HTTPRangeProvider {
             cachedBlocks: Int = 16,
             pinVersion: Bool = true,
             failFastAfterPermanentError: Bool = true,
-            sizeProbe: SizeProbe = .automatic
+            sizeProbe: SizeProbe = .automatic,
+            redirects: RedirectPolicy = .sameOrigin
         ) {
             self.blockSize = blockSize
             self.maxConcurrentRequests = maxConcurrentRequests
@@ -66,10 +71,11 @@ extension HTTPRangeProvider {
             self.pinVersion = pinVersion
             self.failFastAfterPermanentError = failFastAfterPermanentError
             self.sizeProbe = sizeProbe
+            self.redirects = redirects
         }
 
-        /// The block size actually used: at least 4096, a multiple of 4096.
-        var effectiveBlockSize: Int { (max(blockSize, 4096) + 4095) / 4096 * 4096 }
+        /// The block size actually used: a multiple of 4096 from 4096 to 1 GiB.
+        var effectiveBlockSize: Int { (min(max(blockSize, 4096), 1 << 30) + 4095) / 4096 * 4096 }
         var effectiveMaxAttempts: Int { max(1, maxAttempts) }
         var effectiveMaxConcurrentRequests: Int { max(1, maxConcurrentRequests) }
 
@@ -81,10 +87,29 @@ extension HTTPRangeProvider {
     }
 
     /// How the size (and version) of an object is found when it is opened.
+    ///
+    /// Always a `GET` of bytes 0-0, whose `Content-Range` total the provider parses and checks itself. No `HEAD`: on
+    /// Linux the transport (FoundationNetworking) converts a response's `Content-Length` through a `Double` and traps on
+    /// a hostile one (2^63 − 1) before the provider sees it, and a `HEAD`'s `Content-Length` is the object size.
     public enum SizeProbe: Sendable, Hashable {
-        /// `HEAD`; when it is refused (e.g. `403` on a presigned GET URL) or says nothing usable, `GET` of bytes 0-0.
+        /// `GET` of bytes 0-0 (`206` with `Content-Range: bytes 0-0/SIZE`; `416` with `bytes */0` for an empty object;
+        /// `200` with the whole body from a server without ranges, kept if small enough).
         case automatic
-        /// `GET` of bytes 0-0 only (one request fewer for URLs that only allow GET).
+        /// The same as ``automatic`` (it used to mean "no `HEAD` first"; no probe sends `HEAD` any more).
         case rangeGet
+    }
+
+    /// Which redirects the provider follows. A redirect that is refused fails with
+    /// ``HTTPRangeError/Code/redirectRefused`` and nothing is sent to its target. A redirect from `https` to `http` is
+    /// always refused.
+    public enum RedirectPolicy: Sendable, Hashable {
+        /// Only to the origin (scheme, host and port) of the provider's URL, with every header. The default.
+        case sameOrigin
+        /// To any origin too; a request sent to another origin than the provider's URL goes without `Authorization`,
+        /// `Proxy-Authorization`, `Cookie` and the provider's ``HTTPRangeProvider/headers`` (credentials meant for the
+        /// first host), as with a presigned URL whose signature travels in the new URL.
+        case anyOrigin
+        /// None.
+        case none
     }
 }

@@ -77,12 +77,33 @@ public final class HTTPRangeProvider: PageProvider {
     /// A provider for an object whose size (and, ideally, ETag or Last-Modified) you already know: no request is made
     /// until the first read. Use ``open(url:headers:options:)`` to find them.
     /// - Throws: ``HTTPRangeError/Code/invalidURL`` unless `url` is `http` or `https`.
+    /// - Throws: ``HTTPRangeError/Code/missingSize`` for a negative size, ``HTTPRangeError/Code/objectTooLarge`` for one
+    ///   above ``maximumObjectSize``.
     public convenience init(url: URL, version: HTTPObjectVersion, headers: [String: String] = [:], options: Options = .init()) throws(HTTPRangeError) {
         try Self.checkScheme(url)
+        try Self.checkSize(version.size, url: url.absoluteString)
         let counters = HTTPCounters()
         self.init(url: url, version: version, headers: headers, options: options,
-                  transport: HTTPTransport(maxConcurrentRequests: options.effectiveMaxConcurrentRequests, counters: counters),
+                  transport: Self.transport(headers: headers, options: options, counters: counters),
                   counters: counters, whole: nil)
+    }
+
+    /// The largest object a provider accepts: 2^56 bytes, more than the address space Linux gives a process (57-bit
+    /// virtual addresses leave 2^56 bytes to user space). A larger size from a server is a lie or an attack, and is
+    /// refused with ``HTTPRangeError/Code/objectTooLarge`` before any arithmetic is done on it.
+    public static let maximumObjectSize = 1 << 56
+
+    /// Checks a size from a server or a caller: 0 up to ``maximumObjectSize``.
+    static func checkSize(_ size: Int, url: String, range: ClosedRange<Int>? = nil) throws(HTTPRangeError) {
+        guard size >= 0 else { throw HTTPRangeError(.missingSize, url: url, range: range, detail: "size \(size)") }
+        guard size <= maximumObjectSize else {
+            throw HTTPRangeError(.objectTooLarge, url: url, range: range, detail: "\(size) bytes, more than \(maximumObjectSize)")
+        }
+    }
+
+    private static func transport(headers: [String: String], options: Options, counters: HTTPCounters) -> HTTPTransport {
+        HTTPTransport(maxConcurrentRequests: options.effectiveMaxConcurrentRequests, counters: counters,
+                      redirects: HTTPRedirectCheck(policy: options.redirects, headers: headers))
     }
 
     private init(url: URL, version: HTTPObjectVersion, headers: [String: String], options: Options,
@@ -97,17 +118,19 @@ public final class HTTPRangeProvider: PageProvider {
         self.state = Mutex(State(whole: whole))
     }
 
-    /// Opens the object at `url`: finds its size and version (`HEAD`, or a `GET` of bytes 0-0 when `HEAD` is refused, as
-    /// presigned GET URLs do with 403), so a ``LazyRegion`` can be made from the URL alone.
+    /// Opens the object at `url`: finds its size and version with a `GET` of bytes 0-0 (see ``SizeProbe``), so a
+    /// ``LazyRegion`` can be made from the URL alone.
     ///
     /// A server that answers the probe with the whole object (no range support) is accepted if the object is at most
     /// ``Options/wholeObjectLimit`` bytes: it is kept and served from memory.
     /// - Throws: ``HTTPRangeError``: the status of a refused `GET`, ``HTTPRangeError/Code/missingSize``,
-    ///   ``HTTPRangeError/Code/fullBodyForRange``, a timeout or transport error after the retries.
+    ///   ``HTTPRangeError/Code/badContentRange``, ``HTTPRangeError/Code/objectTooLarge`` (a size above
+    ///   ``maximumObjectSize``), ``HTTPRangeError/Code/fullBodyForRange``, ``HTTPRangeError/Code/redirectRefused``, a
+    ///   timeout or transport error after the retries.
     public static func open(url: URL, headers: [String: String] = [:], options: Options = .init()) async throws(HTTPRangeError) -> HTTPRangeProvider {
         try checkScheme(url)
         let counters = HTTPCounters()
-        let transport = HTTPTransport(maxConcurrentRequests: options.effectiveMaxConcurrentRequests, counters: counters)
+        let transport = Self.transport(headers: headers, options: options, counters: counters)
         let probe = HTTPSizeProbe(url: url, headers: headers, options: options, transport: transport)
         let found = try await probe.run()
         return HTTPRangeProvider(url: url, version: found.version, headers: headers, options: options,
@@ -203,6 +226,10 @@ public final class HTTPRangeProvider: PageProvider {
             transport: transport, options: options, request: makeRequest(range: first...last), range: first...last,
             bodyLimit: max(last - first + 1, version.size <= options.wholeObjectLimit ? version.size : 0),
             accept: { [version, options, url] response in
+                if response.statusCode == 206 {
+                    // A 206 whose length is not the range's: stop before the body.
+                    return HTTPSizeProbe.lengthMismatch(response, range: first...last, url: url.absoluteString)
+                }
                 // A whole body for a large object: stop the transfer before it arrives.
                 guard response.statusCode == 200, version.size > options.wholeObjectLimit else { return nil }
                 return HTTPRangeError(.fullBodyForRange, url: url.absoluteString, range: first...last,

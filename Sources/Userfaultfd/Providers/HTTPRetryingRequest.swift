@@ -133,6 +133,9 @@ final class HTTPRetryingRequest: Sendable {
         formatter.timeZone = TimeZone(identifier: "GMT")
         formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
         guard let date = formatter.date(from: value) else { return nil }
-        return .milliseconds(max(0, Int(date.timeIntervalSinceNow * 1000)))
+        // A date from the server: clamp before converting (Int(Double) traps out of range); a year is plenty.
+        let milliseconds = date.timeIntervalSinceNow * 1000
+        guard milliseconds.isFinite else { return nil }
+        return .milliseconds(Int(min(max(0, milliseconds), 366 * 86_400_000)))
     }
 }

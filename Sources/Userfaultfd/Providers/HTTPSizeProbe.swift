@@ -4,9 +4,13 @@ import Synchronization
 import FoundationNetworking
 #endif
 
-/// Finds the size and version of a remote object: `HEAD`, or when that is refused or says nothing usable, a `GET` of
-/// bytes 0-0 (`206` with `Content-Range: bytes 0-0/SIZE`; `416` with `bytes */0` for an empty object; a `200` with the
-/// whole body when the server ignores ranges, kept if it is small enough).
+/// Finds the size and version of a remote object with a `GET` of bytes 0-0: `206` with `Content-Range: bytes 0-0/SIZE`;
+/// `416` with `bytes */0` for an empty object; a `200` with the whole body when the server ignores ranges, kept if it is
+/// small enough.
+///
+/// No `HEAD`: FoundationNetworking on Linux converts every `Content-Length` through a `Double` and traps on 2^63 − 1, so a
+/// hostile server could kill the process with a HEAD's size. The size comes from the `Content-Range` total, which is
+/// parsed here and checked against ``HTTPRangeProvider/maximumObjectSize`` before any arithmetic.
 struct HTTPSizeProbe: Sendable {
     let url: URL
     let headers: [String: String]
@@ -14,21 +18,11 @@ struct HTTPSizeProbe: Sendable {
     let transport: HTTPTransport
 
     func run() async throws(HTTPRangeError) -> (version: HTTPObjectVersion, whole: Data?) {
-        if options.sizeProbe == .automatic {
-            switch await send(method: "HEAD", range: nil, bodyLimit: 0, validate: { reply in
-                reply.status == 200 ? nil : HTTPRangeError(.status(reply.status), url: url.absoluteString, detail: "HEAD")
-            }) {
-            case .success(let reply):
-                if let size = Self.contentLength(reply) { return (version(of: reply, size: size), nil) }
-            case .failure(let error):
-                // A refused HEAD (403 on a presigned GET URL, 405, 501...) may still allow GET; a dead server does not.
-                guard case .status = error.code else { throw error }
-            }
-        }
         let address = url.absoluteString, limit = options.wholeObjectLimit
         let reply = try await send(
             method: "GET", range: 0...0, bodyLimit: limit,
             accept: { response in
+                if response.statusCode == 206 { return Self.lengthMismatch(response, range: 0...0, url: address) }
                 guard response.statusCode == 200, response.expectedContentLength > Int64(limit) else { return nil }
                 return HTTPRangeError(.fullBodyForRange, url: address, range: 0...0,
                                       detail: "\(response.expectedContentLength) bytes, more than the \(limit) taken whole")
@@ -46,25 +40,30 @@ struct HTTPSizeProbe: Sendable {
         case 416:
             return (version(of: reply, size: 0), nil)
         default:
-            guard let header = reply.header("Content-Range"), let contentRange = HTTPContentRange(header) else {
-                throw HTTPRangeError(.badContentRange, url: address, range: 0...0, detail: "Content-Range: \(reply.header("Content-Range") ?? "(none)")")
+            let header = reply.header("Content-Range")
+            guard let header, let contentRange = HTTPContentRange(header), contentRange.first == 0, contentRange.last == 0 else {
+                throw HTTPRangeError(.badContentRange, url: address, range: 0...0, detail: "Content-Range: \(header ?? "(none)")")
             }
             guard let total = contentRange.total else {
                 throw HTTPRangeError(.missingSize, url: address, range: 0...0, detail: "Content-Range: \(header)")
+            }
+            try HTTPRangeProvider.checkSize(total, url: address, range: 0...0)
+            guard reply.body.count == 1 else {
+                throw HTTPRangeError(.badContentRange, url: address, range: 0...0, detail: "\(reply.body.count) bytes for bytes 0-0")
             }
             return (version(of: reply, size: total), nil)
         }
     }
 
-    private func version(of reply: HTTPReply, size: Int) -> HTTPObjectVersion {
-        HTTPObjectVersion(size: size, etag: reply.header("ETag"), lastModified: reply.header("Last-Modified"))
+    /// An error if a `206`'s `Content-Length` (when it has one) is not the length of `range`.
+    static func lengthMismatch(_ response: HTTPURLResponse, range: ClosedRange<Int>, url: String) -> HTTPRangeError? {
+        let length = response.expectedContentLength
+        guard length >= 0, length != Int64(range.count) else { return nil }
+        return HTTPRangeError(.badContentRange, url: url, range: range, detail: "Content-Length \(length) for \(range.count) bytes")
     }
 
-    private static func contentLength(_ reply: HTTPReply) -> Int? {
-        if let text = reply.header("Content-Length"), let length = Int(text.trimmingCharacters(in: .whitespaces)), length >= 0 {
-            return length
-        }
-        return reply.response.expectedContentLength >= 0 ? Int(reply.response.expectedContentLength) : nil
+    private func version(of reply: HTTPReply, size: Int) -> HTTPObjectVersion {
+        HTTPObjectVersion(size: size, etag: reply.header("ETag"), lastModified: reply.header("Last-Modified"))
     }
 
     /// One request with the provider's retries, awaited; cancelling the task abandons it.

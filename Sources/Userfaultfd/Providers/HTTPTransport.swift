@@ -32,7 +32,8 @@ final class HTTPTransport: Sendable {
     /// The delegate queue's underlying queue (the `OperationQueue` does not keep it alive).
     private let sessionQueue = DispatchQueue(label: "userfaultfd.http-range.session")
 
-    init(maxConcurrentRequests: Int, counters: HTTPCounters) {
+    /// - Parameter redirects: which redirects are followed, and the headers that never leave the original origin.
+    init(maxConcurrentRequests: Int, counters: HTTPCounters, redirects: HTTPRedirectCheck) {
         self.counters = counters
         let configuration = URLSessionConfiguration.ephemeral
         configuration.httpMaximumConnectionsPerHost = maxConcurrentRequests
@@ -42,7 +43,7 @@ final class HTTPTransport: Sendable {
         queue.name = "userfaultfd.http-range.session"
         queue.maxConcurrentOperationCount = 1
         queue.underlyingQueue = sessionQueue
-        delegate = HTTPSessionDelegate()
+        delegate = HTTPSessionDelegate(redirects: redirects)
         session = URLSession(configuration: configuration, delegate: delegate, delegateQueue: queue)
         limiter = RequestLimiter(limit: maxConcurrentRequests, counters: counters)
     }
@@ -111,6 +112,11 @@ final class HTTPSessionDelegate: NSObject, URLSessionDataDelegate, Sendable {
     }
 
     private let pending = Mutex<[Int: Pending]>([:])
+    private let redirects: HTTPRedirectCheck
+
+    init(redirects: HTTPRedirectCheck) {
+        self.redirects = redirects
+    }
 
     func register(_ id: Int, _ entry: Pending) {
         pending.withLock { $0[id] = entry }
@@ -134,7 +140,7 @@ final class HTTPSessionDelegate: NSObject, URLSessionDataDelegate, Sendable {
         let rejection = pending.withLock { table -> HTTPRangeError? in
             guard let entry = table[dataTask.taskIdentifier] else { return nil }
             table[dataTask.taskIdentifier]?.response = http
-            let rejection = entry.accept(http)
+            let rejection = entry.rejection ?? entry.accept(http)  // a refused redirect delivers its own response
             table[dataTask.taskIdentifier]?.rejection = rejection
             if rejection == nil, http.expectedContentLength > 0 {
                 table[dataTask.taskIdentifier]?.body.reserveCapacity(Int(min(http.expectedContentLength, Int64(entry.bodyLimit))))
@@ -143,6 +149,27 @@ final class HTTPSessionDelegate: NSObject, URLSessionDataDelegate, Sendable {
         }
         completionHandler(rejection == nil ? .allow : .cancel)
         if rejection != nil { dataTask.cancel() }
+    }
+
+    /// Follows the redirect only where ``HTTPRedirectCheck`` allows it (stripping credentials for another origin);
+    /// otherwise the task ends with ``HTTPRangeError/Code/redirectRefused`` and nothing is sent to the target.
+    func urlSession(_ session: URLSession, task: URLSessionTask, willPerformHTTPRedirection response: HTTPURLResponse,
+                    newRequest request: URLRequest, completionHandler: @escaping (URLRequest?) -> Void) {
+        guard let original = task.originalRequest else {
+            completionHandler(nil)
+            task.cancel()
+            return
+        }
+        switch redirects.redirect(original: original, response: response, proposed: request) {
+        case .success(let next):
+            completionHandler(next)
+        case .failure(let error):
+            pending.withLock { table in
+                if table[task.taskIdentifier] != nil { table[task.taskIdentifier]?.rejection = error }
+            }
+            completionHandler(nil)
+            task.cancel()
+        }
     }
 
     func urlSession(_ session: URLSession, dataTask: URLSessionDataTask, didReceive data: Data) {

@@ -130,10 +130,15 @@ final class FixtureServer: @unchecked Sendable {
 /// The range server's `/_stats`.
 struct RangeServerStats: Decodable {
     struct Scenario: Decodable {
+        /// GETs other than the size probe.
         var get: Int
         var head: Int
+        /// Size probes: GETs of exactly bytes=0-0.
+        var probe: Int?
         var ranges: [String]
         var statuses: [Int]
+        /// The request headers of each request, names lowercased.
+        var headers: [[String: String]]?
         var peak: Int
     }
 

@@ -29,7 +29,8 @@ struct RemoteRangeServerTests {
             }
             #expect(provider.statistics.retries == 3, "\(provider.statistics)")
             let stats = try await server.stats().scenario("/flaky")
-            #expect(stats?.statuses.prefix(3) == [500, 500, 500], "\(String(describing: stats))")
+            #expect(stats?.statuses.first == 206, "the size probe: \(String(describing: stats))")
+            #expect(stats?.statuses.dropFirst().prefix(3) == [500, 500, 500], "\(String(describing: stats))")
         }
     }
 
@@ -172,14 +173,28 @@ struct RemoteRangeServerTests {
             }
             #expect(provider.holdsWholeObject)
             let stats = try await server.stats().scenario("/whole")
-            #expect(stats?.get == 1, "one GET, then memory: \(String(describing: stats)), \(provider.statistics)")
+            #expect(stats?.probe == 1 && stats?.get == 0, "one GET (the size probe), then memory: \(String(describing: stats)), \(provider.statistics)")
         }
     }
 
-    @Test("200 with the whole body for a large object: fullBodyForRange, the transfer stopped early", .timeLimit(.minutes(1)))
+    @Test("200 with the whole body for a large object: open fails with fullBodyForRange", .timeLimit(.minutes(1)))
     func fullBodyLargeObject() async throws {
         try await withRangeServer(size: 8 << 20) { server in
-            let provider = try await Self.open(server, "/norange?full_body=1") { $0.wholeObjectLimit = 1 << 20 }
+            let error = await openFailure(URL(string: server.baseURL + "/norange?full_body=1")!,
+                                          options: Self.options { $0.wholeObjectLimit = 1 << 20 })
+            #expect(error?.code == .fullBodyForRange, "\(String(describing: error))")
+            #expect(error?.isPermanent == true)
+            #expect(error?.attempts == 1, "\(String(describing: error))")
+        }
+    }
+
+    @Test("a server that stops answering ranges after the probe: fullBodyForRange, the transfer stopped early",
+          .timeLimit(.minutes(1)))
+    func fullBodyAfterProbe() async throws {
+        try await withRangeServer(size: 8 << 20) { server in
+            let provider = try HTTPRangeProvider(
+                url: URL(string: server.baseURL + "/later?full_body=1")!,
+                version: HTTPObjectVersion(size: 8 << 20), options: Self.options { $0.wholeObjectLimit = 1 << 20 })
             try await withRemoteRegion(provider, failurePolicy: .zeroFill) { region in
                 #expect(await readRegion(region, 0..<4096) == [UInt8](repeating: 0, count: 4096))
                 let error = await nextRegionError(region)
@@ -200,15 +215,15 @@ struct RemoteRangeServerTests {
         }
     }
 
-    @Test("HEAD refused with 403 (a presigned GET URL): the size comes from a 0-0 range GET")
+    @Test("HEAD refused with 403 (a presigned GET URL): the size comes from a 0-0 range GET, no HEAD sent")
     func headRefused() async throws {
         try await withRangeServer(size: 777_777) { server in
             let provider = try await Self.open(server, "/presigned?head_status=403")
             #expect(provider.size == 777_777)
             #expect(provider.version.etag != nil)
             let stats = try await server.stats().scenario("/presigned")
-            #expect(stats?.head == 1)
-            #expect(stats?.ranges.last == "bytes=0-0")
+            #expect(stats?.head == 0)
+            #expect(stats?.ranges == ["bytes=0-0"])
         }
     }
 
