@@ -15,6 +15,7 @@ HEAD: they are about the reads that follow it.
   latency_ms=N        added to every request
   fail_first=N        the first N GETs answer fail_status (default 500), with Retry-After: retry_after if given
   fail_status=S, retry_after=SECONDS
+  fail_once_per_range=1  the first GET of each Range answers fail_status (default 500); its retry gets the bytes
   drop_first=N        the first N GETs send the headers and half the body, then drop the connection
   slow_first=N        the first N GETs wait slow_ms (default 5000) before answering
   get_status=S        every GET answers S (403, 404...); HEAD still answers 200
@@ -58,6 +59,7 @@ class State:
         self.in_flight = 0
         self.peak = 0
         self.connections = 0
+        self.failed_ranges = {}
 
     def scenario(self, key):
         with self.lock:
@@ -102,6 +104,7 @@ class Handler(BaseHTTPRequestHandler):
         if parts.path == "/_reset":
             with state.lock:
                 state.scenarios.clear()
+                state.failed_ranges.clear()
                 state.peak = 0
             return self.send_simple(200, b"{}", "application/json", head)
 
@@ -154,6 +157,13 @@ class Handler(BaseHTTPRequestHandler):
         if not head and not probe:
             if "get_status" in query:
                 return self.send_status(integer("get_status"), head)
+            if query.get("fail_once_per_range"):
+                with state.lock:
+                    seen = state.failed_ranges.setdefault(self.path, set())
+                    first_time = self.headers.get("Range") not in seen
+                    seen.add(self.headers.get("Range"))
+                if first_time:
+                    return self.send_status(integer("fail_status", 500), head)
             if number <= integer("fail_first"):
                 extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
                 return self.send_status(integer("fail_status", 500), head, extra)
