@@ -7,7 +7,10 @@
 //
 // --mode selects a broken or malicious peer instead: invalid-json, no-fd, not-uffd, two-fds, outside-file, overlap,
 // bad-page-size, garbage-after, exit-with-pending, legacy-fields, page-size-kib; fault-forever is a VM under load that
-// never finishes: 8 threads read random pages and give random ranges back (MADV_DONTNEED), until it is killed.
+// never finishes: 8 threads read random pages and give random ranges back (MADV_DONTNEED), until it is killed;
+// close-after-send is a Firecracker before 1.12, which closes its end of the socket right after the handshake and
+// then faults as usual; expect-refusal sends a correct handshake and expects the handler to refuse it (closing).
+// --compare FILE compares the guest pages with FILE instead of the memory file (which a test may have truncated).
 //
 // Exit status: 0 success (for rejection modes: the handler closed the connection), 1 content mismatch, 2 usage or
 // setup error, 3 the handler did not react as expected.
@@ -40,7 +43,8 @@ let pageSize = Int(options["--page-size"] ?? "4096") ?? 4096
 let regionSize = Int(options["--region-size"] ?? "\(max(pageSize, 1 << 20))") ?? (1 << 20)
 let mode = options["--mode"] ?? "normal"
 
-guard let memory = FileManager.default.contents(atPath: memoryPath) else { fail(2, "cannot read \(memoryPath)") }
+let comparePath = options["--compare"] ?? memoryPath
+guard let memory = FileManager.default.contents(atPath: comparePath) else { fail(2, "cannot read \(comparePath)") }
 guard memory.count >= regionCount * regionSize else { fail(2, "memory file smaller than the regions") }
 
 // Guest memory.
@@ -124,6 +128,15 @@ do {
     switch mode {
     case "normal", "garbage-after", "balloon", "fault-forever":
         try uffd.send(over: connection, payload: body())
+    case "close-after-send":
+        // Firecracker before 1.12: the socket is closed once the regions and the uffd are sent (this process keeps
+        // its own copy of the uffd, so its faults still go to the handler).
+        try uffd.send(over: connection, payload: body())
+        connection.close()
+    case "expect-refusal":
+        // The handler may close before the message is sent (EPIPE): that is a refusal too.
+        try? uffd.send(over: connection, payload: body())
+        expectRejection()
     case "legacy-fields":
         try uffd.send(over: connection, payload: body { _, region in
             region["page_size"] = nil
