@@ -122,3 +122,17 @@ extension FirecrackerPageServerTests {
         #expect(vms.map(\.id) == [2, 3], "the newest two of three: \(vms.map(\.id))")
     }
 }
+
+extension FirecrackerPageServerTests {
+    /// The listener's reserve descriptor, in a child process whose descriptor limit is lowered to 64 and whose table is
+    /// then filled: accept throws descriptorsExhausted after closing one waiting peer, and accepts again later.
+    @Test(.timeLimit(.minutes(1)))
+    func aFullDescriptorTableClosesOneWaitingPeerAndAcceptKeepsWorking() async throws {
+        let directory = try TemporaryDirectory()
+        let outcome = try await ChildProcess.run(ChildProcess.builtExecutable("uffd-fake-vmm"),
+                                                 ["--socket", "\(directory.path)/emfile.sock", "--memory", "/dev/null",
+                                                  "--mode", "listener-emfile"], timeout: .seconds(20))
+        #expect(outcome.status == 0 && outcome.stdout.contains("OK exhausted-then-accepted"),
+                "stdout: \(outcome.stdout) stderr: \(outcome.stderr)")
+    }
+}
