@@ -70,6 +70,9 @@ public final class FirecrackerPageServer: Sendable {
         public var finishedHistory: Int
         /// Where log lines go.
         public var log: @Sendable (String) -> Void
+        /// Whether to watch the peer's process with a pidfd (false: only probe its address space, as on kernels
+        /// without pidfds; for tests).
+        var watchesPeerProcess = true
 
         /// A configuration; only the socket and the memory file are required.
         public init(
@@ -225,7 +228,7 @@ public final class FirecrackerPageServer: Sendable {
             return nil
         }
         // Taken now, while the peer is certainly the process that connected (a pid alone could be reused).
-        let exitWatch = connection.watchPeerProcess()
+        let exitWatch = configuration.watchesPeerProcess ? connection.watchPeerProcess() : nil
         let admitted = state.withLock { state -> Result<Session, Refusal> in
             if state.shutDown { return .failure(Refusal(reason: nil)) }
             if state.sessions.count >= sessionLimit {

@@ -85,3 +85,23 @@ extension FirecrackerPageServerTests {
         #expect(UserfaultFD.probeUserfaultfd(uffd.fileDescriptor))
     }
 }
+
+extension FirecrackerPageServerTests {
+    /// Without a pidfd (kernels before 5.3), a VMM that closed the socket after the handshake is still served, and its
+    /// exit is noticed by probing its userfaultfd's address space (about once a second).
+    @Test(.timeLimit(.minutes(2)))
+    func withoutAPidfdTheVMMsExitIsNoticedByProbing() async throws {
+        let directory = try TemporaryDirectory()
+        let memory = try directory.randomFile("snapshot.mem", count: 2 * Self.regionSize, seed: 24)
+        let running = try RunningServer(directory: directory, memoryPath: memory.path) { $0.watchesPeerProcess = false }
+        let outcome = try await running.vmm(
+            ["--regions", "2", "--region-size", "\(Self.regionSize)", "--mode", "close-after-send"], timeout: .seconds(20))
+        #expect(!outcome.timedOut && outcome.status == 0 && outcome.stdout.contains("OK pages=512"),
+                "stderr: \(outcome.stderr)\nlog: \(running.log)")
+        try await Self.waitUntilAllDisconnected(running.server, limit: .seconds(5))
+        let vms = running.server.vms
+        await running.stop()
+        #expect(vms.count == 1 && vms.allSatisfy { !$0.isConnected }, "log: \(running.log)")
+        #expect(running.log.contains("disconnected (the VMM exited)"), "log: \(running.log)")
+    }
+}
