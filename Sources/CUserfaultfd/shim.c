@@ -138,7 +138,10 @@ int cuffd_peer_pidfd(int sock) {
 int cuffd_probe_userfaultfd(int fd) {
     struct stat info;
     if (fstat(fd, &info) < 0) return 0;
-    if ((info.st_mode & S_IFMT) != 0) return 0;
+    // An anonymous inode has no file type today; should one ever report S_IFREG, that is accepted too (regular
+    // files refuse the ioctl). Devices are refused outright: a driver could answer any ioctl.
+    mode_t type = info.st_mode & S_IFMT;
+    if (type != 0 && type != S_IFREG) return 0;
     long page = sysconf(_SC_PAGESIZE);
     struct cuffd_range range = { .start = (uint64_t)page, .len = (uint64_t)page };
     if (cuffd_ioctl_wake(fd, &range) == 0) return 1;

@@ -249,9 +249,9 @@ int cuffd_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid)
 /// on the SO_PEERCRED pid (Linux 5.3+). -1 with errno when neither works. It becomes readable when the process exits.
 int cuffd_peer_pidfd(int sock);
 
-/// Whether `fd` is a userfaultfd, asked of the kernel without /proc: its inode has no file type (an anonymous inode)
-/// and UFFDIO_WAKE of one page, which wakes nothing that is not waiting there, succeeds (every other kind of
-/// descriptor refuses that ioctl with ENOTTY or EINVAL). 1 yes, 0 no (errno EBADF when it is not open).
+/// Whether `fd` is a userfaultfd, asked of the kernel without /proc: its inode is not a device, socket, pipe or
+/// directory (an anonymous inode has no file type) and UFFDIO_WAKE of one page, which wakes nothing that is not
+/// waiting there, succeeds (every other kind of descriptor refuses that ioctl with ENOTTY or EINVAL). 1 yes, 0 no.
 int cuffd_probe_userfaultfd(int fd);
 
 /// A non-blocking, close-on-exec Unix stream socket bound to `path` and listening. A stale socket file at `path` is

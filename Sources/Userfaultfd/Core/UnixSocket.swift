@@ -308,7 +308,11 @@ public final class UnixSocketListener: Sendable {
             defer { lease.release() }
             let descriptor = cuffd_unix_accept(lease.descriptor)
             let error = Glibc.errno
-            if descriptor >= 0 { return UnixSocketConnection(descriptor: descriptor) }
+            if descriptor >= 0 {
+                // A reserve lost to a race (another thread took the freed slot) is taken back when there is room.
+                reserve.withLock { if $0 < 0 { $0 = Self.openReserve() } }
+                return UnixSocketConnection(descriptor: descriptor)
+            }
             if error == EAGAIN || error == ECONNABORTED || error == EINTR { continue }
             guard error == EMFILE || error == ENFILE else { throw DescriptorPassingError(.system, operation: "accept", errno: error) }
             let dropped = reserve.withLock { reserve -> Bool in

@@ -75,8 +75,11 @@ extension FirecrackerPageServerTests {
         #expect(pipe(&ends) == 0)
         let epoll = cuffd_test_epoll_create()
         let eventDescriptor = cuffd_test_eventfd()
-        defer { [ends[0], ends[1], epoll, eventDescriptor].forEach { _ = close($0) } }
-        for (name, descriptor) in [("pipe", ends[0]), ("epoll", epoll), ("eventfd", eventDescriptor), ("not open", 987_654)] {
+        let regularFile = open("/etc/hostname", O_RDONLY | O_CLOEXEC)
+        let device = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer { [ends[0], ends[1], epoll, eventDescriptor, regularFile, device].forEach { _ = close($0) } }
+        for (name, descriptor) in [("pipe", ends[0]), ("epoll", epoll), ("eventfd", eventDescriptor),
+                                   ("regular file", regularFile), ("device", device), ("not open", 987_654)] {
             #expect(throws: UserfaultError.self, "\(name) is not a userfaultfd") {
                 try UserfaultFD.validateUserfaultfd(descriptor, fdDirectory: noProc)
             }
