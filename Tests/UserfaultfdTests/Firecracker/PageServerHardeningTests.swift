@@ -136,3 +136,27 @@ extension FirecrackerPageServerTests {
                 "stdout: \(outcome.stdout) stderr: \(outcome.stderr)")
     }
 }
+
+extension FirecrackerPageServerTests {
+    /// The same flood, left open: the connections holding handshake slots time out (`--handshake-timeout 1`), the rest
+    /// were refused at once, and a VMM arriving later is served while all 70 are still open on the client side.
+    @Test(.timeLimit(.minutes(2)))
+    func aFloodOfIdleConnectionsLeftOpenDoesNotLockOutTheNextVMM() async throws {
+        let directory = try TemporaryDirectory()
+        let memory = try directory.randomFile("snapshot.mem", count: 2 * Self.regionSize, seed: 15)
+        let (serve, socket) = try await Self.startServe(directory, memory: memory.path, extra: ["--handshake-timeout", "1"],
+                                                        descriptorLimit: 64)
+        let idle = try (0..<70).map { _ in try UnixSocketConnection.connect(path: socket) }
+        try await Task.sleep(for: .milliseconds(2500))
+        let vmm = try await ChildProcess.run(ChildProcess.builtExecutable("uffd-fake-vmm"),
+                                             ["--socket", socket, "--memory", memory.path, "--regions", "2",
+                                              "--region-size", "\(Self.regionSize)"], timeout: .seconds(20))
+        idle.forEach { $0.close() }
+        serve.signal(SIGTERM)
+        let outcome = try await serve.wait(timeout: .seconds(20))
+        #expect(!vmm.timedOut && vmm.status == 0 && vmm.stdout.contains("OK pages=512"),
+                "stderr: \(vmm.stderr)\nuffd serve: \(outcome.stderr.suffix(2000))")
+        #expect(outcome.status == 0 && !outcome.signalled, "uffd serve: \(outcome.stderr.suffix(2000))")
+        #expect(outcome.stderr.contains("handshake rejected: wait: timedOut"))
+    }
+}
