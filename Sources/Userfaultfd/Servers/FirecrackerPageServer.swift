@@ -120,7 +120,7 @@ public final class FirecrackerPageServer: Sendable {
         public var regions: [GuestMemoryRegion]
         /// Its resolver's counters.
         public var statistics: ResolverStatistics
-        /// Whether it is still connected.
+        /// Whether it is still served: its VMM has not exited (its socket may be closed: see the type's notes).
         public var isConnected: Bool
     }
 
@@ -223,7 +223,8 @@ public final class FirecrackerPageServer: Sendable {
     private func admit(_ connection: UnixSocketConnection) -> Session? {
         let peer = connection.peerCredentials
         let who = peer.map { "pid \($0.processID.map(String.init) ?? "?") uid \($0.userID) gid \($0.groupID)" } ?? "unknown peer"
-        guard let peer, configuration.allows(peer) else {
+        let restricted = configuration.allowedUserIDs != nil || configuration.allowedGroupIDs != nil
+        guard peer.map(configuration.allows) ?? !restricted else {
             configuration.log("refused connection from \(who): not an allowed user or group")
             return nil
         }
@@ -238,7 +239,7 @@ public final class FirecrackerPageServer: Sendable {
             let pendingLimit = min(configuration.maximumPendingHandshakes, sessionLimit)
             if pending >= pendingLimit { return .failure(Refusal(reason: "\(pending) handshakes pending (limit \(pendingLimit))")) }
             state.nextID += 1
-            let session = Session(id: state.nextID, connection: connection, processID: peer.processID, exitWatch: exitWatch)
+            let session = Session(id: state.nextID, connection: connection, processID: peer?.processID, exitWatch: exitWatch)
             state.sessions[session.id] = session
             return .success(session)
         }
