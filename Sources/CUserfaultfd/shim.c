@@ -107,6 +107,47 @@ int cuffd_peer_pid(int sock) {
     return credentials.pid;
 }
 
+int cuffd_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid) {
+    struct ucred credentials;
+    socklen_t length = sizeof(credentials);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &credentials, &length) < 0) return -1;
+    *pid = credentials.pid;
+    *uid = credentials.uid;
+    *gid = credentials.gid;
+    return 0;
+}
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+int cuffd_peer_pidfd(int sock) {
+    int pidfd = -1;
+    socklen_t length = sizeof(pidfd);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &length) == 0 && pidfd >= 0) {
+        fcntl(pidfd, F_SETFD, FD_CLOEXEC);
+        return pidfd;
+    }
+    int pid = cuffd_peer_pid(sock);
+    if (pid <= 0) return -1;
+    pidfd = (int)syscall(434 /* SYS_pidfd_open */, pid, 0);
+    if (pidfd >= 0) fcntl(pidfd, F_SETFD, FD_CLOEXEC);
+    return pidfd;
+}
+
+int cuffd_probe_userfaultfd(int fd) {
+    struct stat info;
+    if (fstat(fd, &info) < 0) return 0;
+    // An anonymous inode has no file type today; should one ever report S_IFREG, that is accepted too (regular
+    // files refuse the ioctl). Devices are refused outright: a driver could answer any ioctl.
+    mode_t type = info.st_mode & S_IFMT;
+    if (type != 0 && type != S_IFREG) return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    struct cuffd_range range = { .start = (uint64_t)page, .len = (uint64_t)page };
+    if (cuffd_ioctl_wake(fd, &range) == 0) return 1;
+    return errno == ESRCH ? 1 : 0;
+}
+
 static int cuffd_unix_address(const char *path, struct sockaddr_un *address) {
     memset(address, 0, sizeof(*address));
     address->sun_family = AF_UNIX;
@@ -120,14 +161,27 @@ static int cuffd_unix_address(const char *path, struct sockaddr_un *address) {
 }
 
 int cuffd_unix_listen(const char *path, int backlog) {
+    return cuffd_unix_listen_mode(path, backlog, 0, -1);
+}
+
+int cuffd_unix_listen_mode(const char *path, int backlog, unsigned mode, int64_t gid) {
     struct sockaddr_un address;
     if (cuffd_unix_address(path, &address) < 0) return -1;
     struct stat info;
     if (lstat(path, &info) == 0 && S_ISSOCK(info.st_mode)) unlink(path);
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (sock < 0) return -1;
-    if (bind(sock, (struct sockaddr *)&address, sizeof(address)) < 0 || listen(sock, backlog) < 0) {
+    // Permissions go on the file between bind and listen: until listen, connecting is refused (ECONNREFUSED).
+    if (bind(sock, (struct sockaddr *)&address, sizeof(address)) < 0) {
         int saved = errno;
+        close(sock);
+        errno = saved;
+        return -1;
+    }
+    if ((mode != 0 && chmod(path, mode) < 0) || (gid >= 0 && chown(path, (uid_t)-1, (gid_t)gid) < 0)
+        || listen(sock, backlog) < 0) {
+        int saved = errno;
+        unlink(path);
         close(sock);
         errno = saved;
         return -1;

@@ -16,9 +16,13 @@ public enum UffdCommand {
       s3-slice URL --offset N --length N [--block-size BYTES] [--header 'Name: value']...
                                          a presigned URL as memory: write one slice to stdout, statistics on stderr
                                          (only the slice's blocks are fetched)
-      serve --socket PATH --memory FILE [--readahead BYTES|none]
+      serve --socket PATH --memory FILE [--readahead BYTES|none] [--socket-mode OCTAL] [--socket-group GID|NAME]
+            [--allow-uid UID,...] [--allow-gid GID,...] [--max-sessions N] [--max-handshakes N]
+            [--handshake-timeout SECONDS]
                                          a Firecracker-compatible page server: VMMs connect, send their regions and
-                                         userfaultfd, and their faults are served from FILE (until SIGINT/SIGTERM)
+                                         userfaultfd, and their faults are served from FILE (until SIGINT/SIGTERM).
+                                         The socket is 0600 unless --socket-mode says otherwise; --allow-uid/gid
+                                         serve only those peers (SO_PEERCRED); peers beyond the limits are refused
       track [--pages N] [--rounds N] [--engine faults|scan] [--seed N]
                                          dirty tracking: writes at random into a region each round and prints the
                                          dirty page ranges a DirtyTracker reports, checked against what was written
@@ -68,9 +72,31 @@ public enum UffdCommand {
                 guard let socket = try arguments.value("--socket"), let memory = try arguments.value("--memory") else {
                     throw ToolError("serve needs --socket PATH and --memory FILE\n\n\(usage)")
                 }
-                let readahead = try arguments.readahead()
+                var serve = ServeCommand(socketPath: socket, memoryFilePath: memory, readahead: try arguments.readahead())
+                if let mode = try arguments.value("--socket-mode") {
+                    guard let bits = mode_t(mode, radix: 8), bits <= 0o777, bits & 0o200 != 0 else {
+                        throw ToolError("--socket-mode takes octal permissions that let the owner write, e.g. 0600 or 0660; not '\(mode)'")
+                    }
+                    serve.socketMode = bits
+                }
+                if let group = try arguments.value("--socket-group") {
+                    guard let gid = gid_t(group) ?? getgrnam(group).map({ $0.pointee.gr_gid }) else {
+                        throw ToolError("--socket-group takes a group id or name; no group '\(group)'")
+                    }
+                    serve.socketGroup = gid
+                }
+                serve.allowedUserIDs = try arguments.idList("--allow-uid")
+                serve.allowedGroupIDs = try arguments.idList("--allow-gid")
+                if let text = try arguments.value("--max-sessions") {
+                    guard let number = Int(text), number >= 1 else {
+                        throw ToolError("--max-sessions takes a number of at least 1, not '\(text)'")
+                    }
+                    serve.maximumSessions = number
+                }
+                serve.maximumPendingHandshakes = try arguments.integer("--max-handshakes", default: 16, range: 1...1_000_000)
+                serve.handshakeTimeout = .seconds(try arguments.integer("--handshake-timeout", default: 5, range: 1...3600))
                 try arguments.finish()
-                try await ServeCommand(socketPath: socket, memoryFilePath: memory, readahead: readahead).run()
+                try await serve.run()
             case "track":
                 let pages = try arguments.integer("--pages", default: 64, range: 1...1_000_000)
                 let rounds = try arguments.integer("--rounds", default: 4, range: 1...10_000)
@@ -166,6 +192,16 @@ struct ArgumentList {
             throw ToolError("--readahead takes a byte count of at least 4096, or none; not '\(text)'")
         }
         return .adaptive(maximum: bytes)
+    }
+
+    /// `--name 1,2,3`: a set of user or group ids; nil when absent.
+    mutating func idList(_ name: String) throws -> Set<UInt32>? {
+        guard let text = try value(name) else { return nil }
+        let ids = text.split(separator: ",").map { UInt32($0.trimmingCharacters(in: .whitespaces)) }
+        guard !ids.isEmpty, ids.allSatisfy({ $0 != nil }) else {
+            throw ToolError("\(name) takes comma-separated numeric ids, not '\(text)'")
+        }
+        return Set(ids.compactMap { $0 })
     }
 
     /// Fails on anything left over.

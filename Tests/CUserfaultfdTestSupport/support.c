@@ -7,6 +7,8 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -132,3 +134,8 @@ int cuffd_test_memfd(const char *name, size_t size) {
     }
     return fd;
 }
+
+// MARK: - Descriptors of other kinds
+
+int cuffd_test_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+int cuffd_test_eventfd(void) { return eventfd(0, EFD_CLOEXEC); }

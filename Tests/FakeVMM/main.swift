@@ -7,7 +7,11 @@
 //
 // --mode selects a broken or malicious peer instead: invalid-json, no-fd, not-uffd, two-fds, outside-file, overlap,
 // bad-page-size, garbage-after, exit-with-pending, legacy-fields, page-size-kib; fault-forever is a VM under load that
-// never finishes: 8 threads read random pages and give random ranges back (MADV_DONTNEED), until it is killed.
+// never finishes: 8 threads read random pages and give random ranges back (MADV_DONTNEED), until it is killed;
+// close-after-send is a Firecracker before 1.12, which closes its end of the socket right after the handshake and
+// then faults as usual; expect-refusal sends a correct handshake and expects the handler to refuse it (closing).
+// listener-emfile is not a VMM but the listening side of a full descriptor table (see there).
+// --compare FILE compares the guest pages with FILE instead of the memory file (which a test may have truncated).
 //
 // Exit status: 0 success (for rejection modes: the handler closed the connection), 1 content mismatch, 2 usage or
 // setup error, 3 the handler did not react as expected.
@@ -40,7 +44,53 @@ let pageSize = Int(options["--page-size"] ?? "4096") ?? 4096
 let regionSize = Int(options["--region-size"] ?? "\(max(pageSize, 1 << 20))") ?? (1 << 20)
 let mode = options["--mode"] ?? "normal"
 
-guard let memory = FileManager.default.contents(atPath: memoryPath) else { fail(2, "cannot read \(memoryPath)") }
+if mode == "listener-emfile" {
+    // Not a VMM: the handler side of a full descriptor table, in a process of its own (the limit is lowered here,
+    // never in the test process). Listens on --socket, has three clients connect, fills the descriptor table, and
+    // checks that accept() throws descriptorsExhausted after closing one waiting client (which sees end of stream,
+    // instead of waiting in the backlog forever), and accepts again once descriptors are free.
+    var limit = rlimit(rlim_cur: 64, rlim_max: 64)
+    guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { fail(2, "setrlimit: errno \(errno)") }
+    let result = Mutex<String?>(nil)
+    let finished = DispatchSemaphore(value: 0)
+    Task.detached {
+        defer { finished.signal() }
+        func report(_ text: String) { result.withLock { $0 = text } }
+        do {
+            let listener = try UnixSocketListener(path: socketPath)
+            let clients = try (0..<3).map { _ in try UnixSocketConnection.connect(path: socketPath) }
+            var fillers: [Int32] = []
+            while true {
+                let descriptor = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                if descriptor < 0 { break }
+                fillers.append(descriptor)
+            }
+            do {
+                _ = try await listener.accept()
+                return report("FAIL accept succeeded with a full table")
+            } catch {
+                guard (error as? DescriptorPassingError)?.code == .descriptorsExhausted else {
+                    return report("FAIL accept threw \(error)")
+                }
+            }
+            var byte: UInt8 = 0
+            let closedClients = clients.filter { read($0.fileDescriptor, &byte, 1) == 0 }.count
+            guard closedClients == 1 else { return report("FAIL \(closedClients) clients saw the connection closed, not 1") }
+            fillers.prefix(8).forEach { _ = close($0) }
+            _ = try await listener.accept()
+            report("OK exhausted-then-accepted")
+        } catch {
+            report("FAIL \(error)")
+        }
+    }
+    if finished.wait(timeout: .now() + 10) == .timedOut { fail(3, "listener-emfile did not finish") }
+    let text = result.withLock { $0 } ?? "FAIL no result"
+    print(text)
+    exit(text.hasPrefix("OK") ? 0 : 3)
+}
+
+let comparePath = options["--compare"] ?? memoryPath
+guard let memory = FileManager.default.contents(atPath: comparePath) else { fail(2, "cannot read \(comparePath)") }
 guard memory.count >= regionCount * regionSize else { fail(2, "memory file smaller than the regions") }
 
 // Guest memory.
@@ -124,6 +174,15 @@ do {
     switch mode {
     case "normal", "garbage-after", "balloon", "fault-forever":
         try uffd.send(over: connection, payload: body())
+    case "close-after-send":
+        // Firecracker before 1.12: the socket is closed once the regions and the uffd are sent (this process keeps
+        // its own copy of the uffd, so its faults still go to the handler).
+        try uffd.send(over: connection, payload: body())
+        connection.close()
+    case "expect-refusal":
+        // The handler may close before the message is sent (EPIPE): that is a refusal too.
+        try? uffd.send(over: connection, payload: body())
+        expectRejection()
     case "legacy-fields":
         try uffd.send(over: connection, payload: body { _, region in
             region["page_size"] = nil

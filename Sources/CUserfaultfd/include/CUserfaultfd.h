@@ -242,10 +242,26 @@ void cuffd_parse_rights(const void *control, size_t control_len, int *fds, size_
 /// The process id of a connected Unix socket's peer (SO_PEERCRED), or -1 with errno set.
 int cuffd_peer_pid(int sock);
 
+/// The peer's credentials when it connected (SO_PEERCRED): 0, or -1 with errno set.
+int cuffd_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
+
+/// A close-on-exec pidfd for the peer's process: SO_PEERPIDFD (Linux 6.5+, no pid-reuse race), else pidfd_open(2)
+/// on the SO_PEERCRED pid (Linux 5.3+). -1 with errno when neither works. It becomes readable when the process exits.
+int cuffd_peer_pidfd(int sock);
+
+/// Whether `fd` is a userfaultfd, asked of the kernel without /proc: its inode is not a device, socket, pipe or
+/// directory (an anonymous inode has no file type) and UFFDIO_WAKE of one page, which wakes nothing that is not
+/// waiting there, succeeds (every other kind of descriptor refuses that ioctl with ENOTTY or EINVAL). 1 yes, 0 no.
+int cuffd_probe_userfaultfd(int fd);
+
 /// A non-blocking, close-on-exec Unix stream socket bound to `path` and listening. A stale socket file at `path` is
 /// removed first (any other kind of file is left alone: bind then fails with EADDRINUSE). -1 with errno on failure
 /// (ENAMETOOLONG for a path that does not fit sockaddr_un).
 int cuffd_unix_listen(const char *path, int backlog);
+
+/// cuffd_unix_listen, but the socket file gets `mode` (e.g. 0600) and, when `gid` is not -1, that group: set after
+/// bind and before listen, so that nobody can connect while the file still has the umask's permissions.
+int cuffd_unix_listen_mode(const char *path, int backlog, unsigned mode, int64_t gid);
 
 /// A non-blocking, close-on-exec Unix stream socket connected to `path` (a blocking connect, which for Unix sockets is
 /// immediate), or -1 with errno.

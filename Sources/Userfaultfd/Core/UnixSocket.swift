@@ -26,6 +26,8 @@ public struct DescriptorPassingError: Error, Sendable, Hashable, CustomStringCon
         case timedOut
         /// The socket was closed by this side, or the waiting task was cancelled.
         case cancelled
+        /// The process is out of descriptors (`EMFILE`, `ENFILE`).
+        case descriptorsExhausted
         /// A socket path that does not fit a Unix socket address.
         case pathTooLong
         /// Any other errno.
@@ -97,6 +99,22 @@ public final class UnixSocketConnection: Sendable {
     public var peerProcessID: Int32? {
         let pid = (try? lease.withDescriptor(.adopt) { cuffd_peer_pid($0) }) ?? -1
         return pid > 0 ? pid : nil
+    }
+
+    /// The peer's credentials as of `connect` (SO_PEERCRED), if the kernel reports them.
+    public var peerCredentials: PeerCredentials? {
+        var pid: Int32 = 0, uid: UInt32 = 0, gid: UInt32 = 0
+        let result = (try? lease.withDescriptor(.adopt) { cuffd_peer_credentials($0, &pid, &uid, &gid) }) ?? -1
+        guard result == 0 else { return nil }
+        return PeerCredentials(processID: pid > 0 ? pid : nil, userID: uid, groupID: gid)
+    }
+
+    /// A watch on the peer's process: its exit, whatever happens to this socket (`SO_PEERPIDFD`, or `pidfd_open(2)`
+    /// on the peer's pid). `nil` when the kernel offers neither (before Linux 5.3) or the socket is closed.
+    public func watchPeerProcess() -> ProcessExitWatch? {
+        let pidfd = (try? lease.withDescriptor(.adopt) { cuffd_peer_pidfd($0) }) ?? -1
+        guard pidfd >= 0 else { return nil }
+        return ProcessExitWatch(pidfd: pidfd, processID: peerProcessID)
     }
 
     /// Sends `payload` and `descriptors` (at most 16) in one `sendmsg`.
@@ -188,41 +206,124 @@ public final class UnixSocketConnection: Sendable {
     }
 }
 
+/// Who is at the other end of a Unix socket, as of its `connect` (SO_PEERCRED).
+public struct PeerCredentials: Sendable, Hashable {
+    /// Its process id, if the kernel reports one.
+    public var processID: Int32?
+    /// Its effective user id.
+    public var userID: UInt32
+    /// Its effective group id.
+    public var groupID: UInt32
+
+    /// Credentials.
+    public init(processID: Int32?, userID: UInt32, groupID: UInt32) {
+        self.processID = processID
+        self.userID = userID
+        self.groupID = groupID
+    }
+}
+
+/// A process's exit, awaited without a thread: a pidfd, which becomes readable when the process has exited.
+public final class ProcessExitWatch: Sendable {
+    private let lease: DescriptorLease
+    private let waiter: ReadinessWaiter
+    /// The process watched, if known.
+    public let processID: Int32?
+
+    /// Takes ownership of `pidfd`.
+    public init(pidfd: Int32, processID: Int32?) {
+        self.processID = processID
+        lease = DescriptorLease(descriptor: pidfd)
+        waiter = ReadinessWaiter(lease: lease, label: "userfaultfd.pidfd.\(pidfd)")
+    }
+
+    deinit { cancel() }
+
+    /// Returns true once the process has exited; false when ``cancel()`` ended the wait first.
+    public func waitForExit() async -> Bool {
+        do {
+            try await waiter.waitUntilReadable(timeout: nil)
+            return true
+        } catch {
+            return false
+        }
+    }
+
+    /// Ends a pending ``waitForExit()`` (it returns false) and closes the pidfd.
+    public func cancel() {
+        waiter.cancel()
+        lease.markClosed()
+    }
+}
+
 /// A listening Unix stream socket.
+///
+/// The socket file gets mode 0600 unless told otherwise: whoever can connect is given whatever the server serves.
+/// One descriptor is held in reserve: when `accept` fails because the descriptor table is full (`EMFILE`, `ENFILE`),
+/// the reserve is closed, the waiting connection accepted and closed at once (its peer sees the connection closed
+/// instead of waiting in the backlog forever), and the reserve reopened; ``accept()`` then throws
+/// ``DescriptorPassingError/Code/descriptorsExhausted`` so that the caller backs off.
 public final class UnixSocketListener: Sendable {
     let lease: DescriptorLease
     private let waiter: ReadinessWaiter
+    private let reserve = Mutex<Int32>(-1)
     /// The path it listens on.
     public let path: String
 
     /// Binds and listens on `path`, replacing a stale socket file there.
-    public init(path: String, backlog: Int32 = 64) throws(DescriptorPassingError) {
-        let descriptor = cuffd_unix_listen(path, backlog)
+    /// - Parameters:
+    ///   - mode: the socket file's permissions (connecting needs write permission on it).
+    ///   - group: the socket file's group, if not the process's (e.g. with mode 0660, the group allowed to connect).
+    public init(path: String, backlog: Int32 = 64, mode: mode_t = 0o600, group: gid_t? = nil) throws(DescriptorPassingError) {
+        let descriptor = cuffd_unix_listen_mode(path, backlog, UInt32(mode), group.map { Int64($0) } ?? -1)
         guard descriptor >= 0 else { throw .system("listen", path: path) }
         self.path = path
         lease = DescriptorLease(descriptor: descriptor)
         waiter = ReadinessWaiter(lease: lease, label: "userfaultfd.listener.\(descriptor)")
+        reserve.withLock { $0 = Self.openReserve() }
     }
 
     deinit { close() }
+
+    private static func openReserve() -> Int32 { open("/dev/null", O_RDONLY | O_CLOEXEC) }
 
     /// Stops listening and removes the socket file; a pending ``accept()`` throws ``DescriptorPassingError/Code/cancelled``.
     public func close() {
         waiter.cancel()
         if lease.markClosed() { unlink(path) }
+        reserve.withLock { descriptor in
+            if descriptor >= 0 { _ = Glibc.close(descriptor) }
+            descriptor = -1
+        }
     }
 
     /// The next connection.
+    /// - Throws: ``DescriptorPassingError/Code/cancelled`` once closed; ``DescriptorPassingError/Code/descriptorsExhausted``
+    ///   when the descriptor table is full (one waiting connection was closed; back off before the next call);
+    ///   ``DescriptorPassingError/Code/system`` for other errors.
     public func accept() async throws(DescriptorPassingError) -> UnixSocketConnection {
         while true {
             try await waiter.waitUntilReadable(timeout: nil)
             guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "accept", detail: "the listener is closed") }
+            defer { lease.release() }
             let descriptor = cuffd_unix_accept(lease.descriptor)
             let error = Glibc.errno
-            lease.release()
-            if descriptor >= 0 { return UnixSocketConnection(descriptor: descriptor) }
-            if error == EAGAIN || error == ECONNABORTED { continue }
-            throw DescriptorPassingError(.system, operation: "accept", errno: error)
+            if descriptor >= 0 {
+                // A reserve lost to a race (another thread took the freed slot) is taken back when there is room.
+                reserve.withLock { if $0 < 0 { $0 = Self.openReserve() } }
+                return UnixSocketConnection(descriptor: descriptor)
+            }
+            if error == EAGAIN || error == ECONNABORTED || error == EINTR { continue }
+            guard error == EMFILE || error == ENFILE else { throw DescriptorPassingError(.system, operation: "accept", errno: error) }
+            let dropped = reserve.withLock { reserve -> Bool in
+                if reserve >= 0 { _ = Glibc.close(reserve) }
+                let victim = cuffd_unix_accept(lease.descriptor)
+                if victim >= 0 { _ = Glibc.close(victim) }
+                reserve = Self.openReserve()
+                return victim >= 0
+            }
+            throw DescriptorPassingError(.descriptorsExhausted, operation: "accept", errno: error,
+                                         detail: dropped ? "one waiting connection was closed" : "no descriptor to spare")
         }
     }
 }

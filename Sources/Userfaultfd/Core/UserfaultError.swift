@@ -38,6 +38,8 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
         case concurrentIteration
         /// A descriptor handed in is not a userfaultfd.
         case notUserfaultfd
+        /// A file read through ``FileMapping`` ends before the size it had when it was opened (it was truncated).
+        case fileTruncated
         /// Any other errno.
         case system
     }
@@ -115,6 +117,7 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
         case .unknownEvent(let event): "unknown event code 0x\(String(event, radix: 16))"
         case .concurrentIteration: "the events are already being consumed by another iterator"
         case .notUserfaultfd: "the descriptor is not a userfaultfd"
+        case .fileTruncated: "the file was truncated"
         case .system: "system error"
         }
     }

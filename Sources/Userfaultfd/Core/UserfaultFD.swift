@@ -215,17 +215,35 @@ public final class UserfaultFD: Sendable {
                        detail: "missing \(missing.names.joined(separator: ", ")); the kernel offers \(offered)")
     }
 
-    static func validateUserfaultfd(_ descriptor: Int32) throws(UserfaultError) {
+    /// Checks that `descriptor` is an open userfaultfd: by its `/proc/self/fd` link, or where `/proc` is not mounted
+    /// (or not readable: a sandbox, a container without it), by asking the kernel (``probeUserfaultfd(_:)``).
+    /// - Parameter fdDirectory: where the process's descriptor links are (a test points it elsewhere).
+    static func validateUserfaultfd(_ descriptor: Int32, fdDirectory: String = "/proc/self/fd") throws(UserfaultError) {
         var buffer = [CChar](repeating: 0, count: 256)
-        let count = readlink("/proc/self/fd/\(descriptor)", &buffer, buffer.count - 1)
+        let count = readlink("\(fdDirectory)/\(descriptor)", &buffer, buffer.count - 1)
         guard count > 0 else {
-            throw UserfaultError(.notUserfaultfd, operation: .adopt, errno: Glibc.errno,
-                                 detail: "descriptor \(descriptor) is not open")
+            let error = Glibc.errno
+            // The link is missing because the descriptor is not open (EBADF from fcntl), or because there is no
+            // usable /proc: then the kernel is asked directly.
+            guard fcntl(descriptor, F_GETFD) >= 0 else {
+                throw UserfaultError(.notUserfaultfd, operation: .adopt, errno: EBADF, detail: "descriptor \(descriptor) is not open")
+            }
+            guard probeUserfaultfd(descriptor) else {
+                throw UserfaultError(.notUserfaultfd, operation: .adopt, errno: error,
+                                     detail: "descriptor \(descriptor) is not a userfaultfd (\(fdDirectory) unusable: checked with UFFDIO_WAKE)")
+            }
+            return
         }
         let target = String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
         guard target == "anon_inode:[userfaultfd]" else {
             throw UserfaultError(.notUserfaultfd, operation: .adopt, detail: "descriptor \(descriptor) is \(target)")
         }
+    }
+
+    /// Whether `descriptor` is a userfaultfd, without `/proc`: an anonymous inode on which `UFFDIO_WAKE` of one page
+    /// succeeds (it wakes nothing that is not waiting there; every other kind of descriptor refuses the ioctl).
+    static func probeUserfaultfd(_ descriptor: Int32) -> Bool {
+        cuffd_probe_userfaultfd(descriptor) == 1
     }
 }
 

@@ -26,6 +26,11 @@ int cuffd_test_last_probe_code(void);
 /// The kernel's BUS_ADRERR, for comparing with cuffd_test_last_probe_code().
 int cuffd_test_bus_adrerr(void);
 
+/// Anonymous-inode descriptors that are not userfaultfds, for the /proc-less userfaultfd check: an epoll instance
+/// (its ioctls answer EINVAL, like a userfaultfd's to a bad argument) and an eventfd. -1 with errno on failure.
+int cuffd_test_epoll_create(void);
+int cuffd_test_eventfd(void);
+
 /// A volatile one-byte read (blocks in the kernel while the page is missing in a registered range).
 unsigned char cuffd_test_read_byte(const volatile void *addr);
 

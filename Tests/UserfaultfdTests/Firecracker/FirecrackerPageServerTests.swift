@@ -23,13 +23,16 @@ struct FirecrackerPageServerTests {
         let socketPath: String
         let memoryPath: String
 
-        init(directory: TemporaryDirectory, memoryPath: String, options: FaultResolver.Options = .init(afterRemove: .zeroFill)) throws {
+        init(directory: TemporaryDirectory, memoryPath: String, options: FaultResolver.Options = .init(afterRemove: .zeroFill),
+             configure: (inout FirecrackerPageServer.Configuration) -> Void = { _ in }) throws {
             socketPath = "\(directory.path)/fc.sock"
             self.memoryPath = memoryPath
             let lines = self.lines
-            server = try FirecrackerPageServer(.init(
+            var configuration = FirecrackerPageServer.Configuration(
                 socketPath: socketPath, memoryFilePath: memoryPath, resolverOptions: options,
-                handshakeTimeout: .seconds(2), log: { line in lines.append(line) }))
+                handshakeTimeout: .seconds(2), log: { line in lines.append(line) })
+            configure(&configuration)
+            server = try FirecrackerPageServer(configuration)
             let server = self.server
             task = Task { await server.run() }
         }
