@@ -15,7 +15,7 @@ final class Fetch {
     private(set) var id: Int
     private(set) var region: ServedRegion
     private(set) var pages: Range<Int>
-    /// Where `pages.lowerBound` lives; fixed at creation (a REMAP invalidates the fetch).
+    /// Where `pages.lowerBound` lives; fixed at creation (a REMAP abandons the fetch).
     private(set) var address: UInt
     var waiters: [FaultWaiter] = []
     var completions: [CheckedContinuation<Void, any Error>] = []
@@ -27,8 +27,6 @@ final class Fetch {
     var generation = 0
     /// A provider read is running for this fetch (it holds a read slot).
     var reading = false
-    /// The pages were removed or unmapped meanwhile: wake instead of installing.
-    var invalidated = false
     /// Started by asynchronous readahead, ahead of any fault.
     var isReadahead = false
     /// Bytes installed so far, and how (for a resolution the kernel deferred).
@@ -57,7 +55,6 @@ final class Fetch {
         attempts = 0
         generation = 0
         reading = false
-        invalidated = false
         isReadahead = false
         installed = 0
         installation = .copy
@@ -188,14 +185,36 @@ extension FaultResolver {
 
     private func readTimedOut(id: Int, generation: Int, attempt: Int, timeout: Duration) {
         guard let fetch = fetches[id], fetch.generation == generation, fetch.attempts == attempt, fetch.reading else { return }
-        // Abandon the attempt: its buffer stays with the read still running and is returned when it ends.
+        abandonRead(of: fetch)
+        readFailed(fetch, error: ProviderTimeoutError(timeout: timeout))
+    }
+
+    /// Abandons the provider read in flight for `fetch`, if any: its late result is ignored (the buffer it fills stays
+    /// with it and is given back when it returns), it is cancelled, and its slot goes to a waiting fetch.
+    private func abandonRead(of fetch: Fetch) {
         fetch.generation += 1
+        fetch.task?.cancel()
+        guard fetch.reading else { return }
         fetch.reading = false
         fetch.buffer = nil
-        fetch.task?.cancel()
         activeReads -= 1
         launchWaiting()
-        readFailed(fetch, error: ProviderTimeoutError(timeout: timeout))
+    }
+
+    /// Ends a fetch whose data must not be installed (its pages were removed, unmapped or moved; resolution was
+    /// cancelled), at once rather than when its read returns: its read is abandoned, its pages are free to be fetched
+    /// again (a fault at their new address after a REMAP gets a fetch of its own instead of joining one whose wake
+    /// would go to the old address), and the threads waiting on it are released — resolved with `release`, or without
+    /// it woken at the address they faulted at, to fault again and get a fresh resolution. Prefetches waiting on it
+    /// get `error` (nil: they return).
+    func abandon(_ fetch: Fetch, releasing release: WaiterRelease?, error: (any Error)?) {
+        abandonRead(of: fetch)
+        if let release {
+            releaseWaiters(of: fetch, with: release)
+        } else {
+            wakeWaiters(of: fetch)
+        }
+        finishFetch(fetch, error: error)
     }
 
     private func launchWaiting() {
@@ -206,11 +225,6 @@ extension FaultResolver {
     }
 
     private func readFinished(_ fetch: Fetch, content: PageContent) {
-        if fetch.invalidated {
-            wakeWaiters(of: fetch)
-            finishFetch(fetch, error: nil)
-            return
-        }
         switch content {
         case .zeros:
             fetch.installation = .zeroPage
@@ -227,7 +241,7 @@ extension FaultResolver {
     private func readFailed(_ fetch: Fetch, error: any Error) {
         counters.withLock { $0.providerErrors += 1 }
         let permanent = (error as? any ProviderFailure)?.isPermanent ?? false
-        if !isCancelled, !fetch.invalidated, !permanent, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
+        if !isCancelled, !permanent, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
             let id = fetch.id, generation = fetch.generation
             executor.asyncAfter(delay) { [weak self] in
                 self?.assumeIsolated { resolver in
@@ -335,11 +349,7 @@ extension FaultResolver {
         let failure = RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
                                   attempts: fetch.attempts, resolution: terminal)
         reportFailure(failure)
-        if fetch.invalidated {
-            wakeWaiters(of: fetch)
-        } else {
-            releaseWaiters(of: fetch, with: WaiterRelease(terminal))
-        }
+        releaseWaiters(of: fetch, with: WaiterRelease(terminal))
         finishFetch(fetch, error: failure)
     }
 
@@ -383,13 +393,7 @@ extension FaultResolver {
         let ids = deferred
         deferred.removeAll()
         for id in ids {
-            guard let fetch = fetches[id] else { continue }
-            if fetch.invalidated {
-                wakeWaiters(of: fetch)
-                finishFetch(fetch, error: nil)
-            } else {
-                install(fetch)
-            }
+            if let fetch = fetches[id] { install(fetch) }
         }
     }
 
@@ -406,11 +410,11 @@ extension FaultResolver {
         }
     }
 
-    /// Marks fetches overlapping `segment` (a removed, unmapped or moved part) so that their data is not installed.
+    /// Abandons the fetches overlapping `segment` (a removed, unmapped or moved part): their data is not installed,
+    /// and their waiters are woken to fault again.
     func invalidateFetches(in segment: ServedSegment) {
-        for fetch in fetches.values where fetch.region === segment.region && fetch.pages.overlaps(segment.pages) {
-            fetch.invalidated = true
-        }
+        let stale = fetches.values.filter { $0.region === segment.region && $0.pages.overlaps(segment.pages) }
+        for fetch in stale.sorted(by: { $0.id < $1.id }) { abandon(fetch, releasing: nil, error: nil) }
     }
 
     /// Wakes the threads waiting on a fetch whose data will not be installed: they fault again and get a fresh resolution.

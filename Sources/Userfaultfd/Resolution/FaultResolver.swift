@@ -231,12 +231,7 @@ public actor FaultResolver {
         waitingForSlot.removeAll()
         for id in Array(fetches.keys).sorted() {
             guard let fetch = fetches[id] else { continue }
-            fetch.task?.cancel()
-            fetch.generation += 1
-            deferred.removeAll { $0 == id }
-            if fetch.reading { activeReads -= 1 }
-            releaseWaiters(of: fetch, with: WaiterRelease(options.cancellation))
-            finishFetch(fetch, error: CancellationError())
+            abandon(fetch, releasing: WaiterRelease(options.cancellation), error: CancellationError())
         }
     }
 
