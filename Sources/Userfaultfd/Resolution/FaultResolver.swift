@@ -380,7 +380,10 @@ public actor FaultResolver {
             }
         }
         if region.present[index] {
-            if pageIsResident(regionPage) {
+            // Only this process's own memory can be asked: for another's (a received userfaultfd, a forked child),
+            // `mincore` here tells about whatever this process has at that address. There the page is resolved again;
+            // if it is present after all (a duplicate message), the install meets EEXIST and wakes its thread.
+            if uffd.servesOwnAddressSpace, pageIsResident(regionPage) {
                 // A duplicate message from a thread the install already woke (or that re-faulted after a signal).
                 try? uffd.wake(regionPage)
                 counters.withLock {
