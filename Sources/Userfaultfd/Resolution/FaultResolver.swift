@@ -22,7 +22,8 @@ import Synchronization
 /// - Up to ``Options/maxConcurrentReads`` provider reads are in flight; more wait their turn.
 /// - Providers that answer at once (``PageProvider/readImmediately(into:at:)``) are served inside the event handler.
 /// - Races are handled: a page already present is woken (`EEXIST`), partial progress is resumed, clusters are split
-///   around pages that became present, a range removed or unmapped meanwhile is dropped.
+///   around pages that became present and where the kernel refuses them whole (across two mappings), a fetch for a
+///   range removed, unmapped or moved meanwhile is dropped and its threads woken.
 /// - Events first: REMOVE, UNMAP, REMAP and FORK in a batch are applied before its faults; a resolution the kernel
 ///   defers (`EAGAIN` while an event is unread) is retried after the next read, and the reader never waits on a provider.
 /// - A provider that throws or times out gets the ``FailurePolicy``; the faulting thread never hangs.

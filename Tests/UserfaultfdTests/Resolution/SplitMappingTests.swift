@@ -79,5 +79,48 @@ extension ResolutionTests {
                 }
             }
         }
+
+        /// Pages that cannot be installed even one at a time (here unregistered, so `ENOENT` for each; a cgroup at its
+        /// limit gives `ENOMEM` the same way) do not stop the rest: a cluster over pages 5..<13 whose pages 6..<10 were
+        /// unregistered installs pages 5 and 10..<13, wakes the threads on pages 5 and 11 with their data, and reports
+        /// the failure once, with the failure policy's resolution.
+        @Test(.timeLimit(.minutes(1)))
+        func pagesRefusedEvenAloneAreReportedAndTheRestIsServed() async throws {
+            let pageSize = systemPageSize
+            let source = SeededBytes.make(count: 16 * pageSize, seed: 1202)
+            let gate = ProviderGate(), entered = CallCounter()
+            let provider = ClosureProvider(size: source.count) { buffer, offset in
+                entered.increment()
+                await gate.wait()
+                return .bytes(fillBuffer(buffer, from: source, at: offset))
+            }
+            let options = FaultResolver.Options(
+                readahead: .adaptive(initial: 8 * pageSize, maximum: 8 * pageSize, asynchronous: false),
+                failurePolicy: .zeroFill)
+            try await withFaultWatchdog(seconds: 30) { scope in
+                try await withWatchedRegion(scope, length: source.count, provider: provider, options: options) { region in
+                    let base = UInt(bitPattern: region.baseAddress)
+                    try region.uffd.unregister(MemoryRange(start: base + UInt(6 * pageSize), length: 4 * pageSize))
+                    let offsets = [5 * pageSize + 11, 11 * pageSize + 33]
+                    let first = readByteOnThread(region, at: offsets[0])
+                    #expect(await pollUntil { entered.current == 1 }, "the provider was never asked")
+                    let second = readByteOnThread(region, at: offsets[1])
+                    #expect(await pollUntil { region.statistics.faults >= 2 }, "\(region.statistics)")
+                    gate.open()
+                    for (thread, offset) in zip([first, second], offsets) {
+                        let byte = await finished(thread, within: 5, "the reader of page \(offset / pageSize)",
+                                                  releasing: region.uffd)
+                        #expect(byte == source[offset], "page \(offset / pageSize)")
+                    }
+                    let error = await firstElement(of: region.errors, within: 2)
+                    #expect(error?.range == MemoryRange(start: base + UInt(5 * pageSize), length: 8 * pageSize))
+                    #expect(error?.resolution == .zeroFill)
+                    #expect((error?.underlying as? UserfaultError)?.code == .notRegistered, "\(String(describing: error))")
+                    let stats = await region.settledStatistics
+                    #expect(stats.pagesCopied == 4, "pages 5, 10, 11 and 12: \(stats)")
+                    #expect(stats.zeroPages == 0, "the pages threads waited on have their data: \(stats)")
+                }
+            }
+        }
     }
 }
