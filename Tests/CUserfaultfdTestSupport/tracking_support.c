@@ -26,25 +26,24 @@ static void child_fail(int reply, int status) {
     _exit(status);
 }
 
-// Sends the hello with the userfaultfd attached (SCM_RIGHTS): the way a process hands its faults to a tracker.
-static int send_hello_with_uffd(int socket, const struct tracked_child_hello *hello, int uffd) {
+int cuffd_test_send_descriptor(int socket, const void *payload, size_t length, int descriptor) {
     union {
         char bytes[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } control;
     memset(&control, 0, sizeof control);
-    struct iovec iov = { .iov_base = (void *)hello, .iov_len = sizeof *hello };
+    struct iovec iov = { .iov_base = (void *)payload, .iov_len = length };
     struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
                               .msg_controllen = sizeof control.bytes };
     struct cmsghdr *header = CMSG_FIRSTHDR(&message);
     header->cmsg_level = SOL_SOCKET;
     header->cmsg_type = SCM_RIGHTS;
     header->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(header), &uffd, sizeof(int));
-    return sendmsg(socket, &message, 0) == (ssize_t)sizeof *hello ? 0 : -1;
+    memcpy(CMSG_DATA(header), &descriptor, sizeof(int));
+    return sendmsg(socket, &message, 0) == (ssize_t)length ? 0 : -1;
 }
 
-pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_over, int *command_fd, int *reply_fd) {
+pid_t cuffd_test_clone_with_channels(int *command_fd, int *reply_fd) {
     int commands[2], replies[2];
     if (pipe2(commands, O_CLOEXEC) != 0) return -1;
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, replies) != 0) {
@@ -55,7 +54,8 @@ pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_o
     // A raw clone, as for cuffd_test_fork_toucher: the child runs only system calls.
     long pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL);
     if (pid == 0) {
-        // Keep only stdio and the two pipe ends (as 3 and 4): no other userfaultfd of the test process stays alive here.
+        // Keep only stdio and the two channel ends (as 3 and 4): no other userfaultfd of the test process stays
+        // alive here.
         dup2(commands[0], 3);
         dup2(replies[1], 4);
         syscall(SYS_close_range, 5U, ~0U, 0U);
@@ -63,6 +63,25 @@ pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_o
         // them): unblock SIGALRM so that the alarm really ends a child stuck on a fault nobody serves.
         cuffd_test_unblock_alarm();
         alarm(30);
+        return 0;
+    }
+    int saved = errno;
+    close(commands[0]);
+    close(replies[1]);
+    if (pid < 0) {
+        close(commands[1]);
+        close(replies[0]);
+        errno = saved;
+        return -1;
+    }
+    *command_fd = commands[1];
+    *reply_fd = replies[0];
+    return (pid_t)pid;
+}
+
+pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_over, int *command_fd, int *reply_fd) {
+    pid_t pid = cuffd_test_clone_with_channels(command_fd, reply_fd);
+    if (pid == 0) {
         size_t page_size = (size_t)sysconf(_SC_PAGESIZE);
         size_t length = pages * page_size;
         void *memory = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -75,7 +94,7 @@ pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_o
         if (ioctl(uffd, 0xC020AA00, reg) != 0) child_fail(4, 13);
         struct tracked_child_hello hello = { (uint64_t)(uintptr_t)memory, uffd, 0 };
         if (hand_over) {
-            if (send_hello_with_uffd(4, &hello, uffd) != 0) _exit(14);
+            if (cuffd_test_send_descriptor(4, &hello, sizeof hello, uffd) != 0) _exit(14);
         } else if (write(4, &hello, sizeof hello) != (ssize_t)sizeof hello) {
             _exit(14);
         }
@@ -91,18 +110,7 @@ pid_t cuffd_test_spawn_tracked_child(size_t pages, uint64_t features, int hand_o
             if (write(4, &ack, 1) != 1) _exit(17);
         }
     }
-    int saved = errno;
-    close(commands[0]);
-    close(replies[1]);
-    if (pid < 0) {
-        close(commands[1]);
-        close(replies[0]);
-        errno = saved;
-        return -1;
-    }
-    *command_fd = commands[1];
-    *reply_fd = replies[0];
-    return (pid_t)pid;
+    return pid;
 }
 
 int cuffd_test_read_child_hello(int reply_fd, uint64_t *address, int *uffd) {

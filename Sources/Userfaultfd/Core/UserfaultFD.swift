@@ -39,6 +39,10 @@ public final class UserfaultFD: Sendable {
     public let supportedIoctls: UserfaultIoctls
     /// The base page size ranges are checked against.
     public let pageSize: Int
+    /// Whether the address space whose faults this userfaultfd carries is this process's own: true for one created
+    /// here, false for one adopted (received from another process, inherited) or delivered by a FORK event. Only then
+    /// does asking about this process's memory (`mincore`) tell anything about the registered pages.
+    let servesOwnAddressSpace: Bool
 
     /// How to obtain the descriptor.
     public enum CreationPath: Sendable, Hashable {
@@ -74,7 +78,8 @@ public final class UserfaultFD: Sendable {
             let result = try Self.handshake(
                 descriptor: descriptor, required: requiredFeatures, optional: optionalFeatures,
                 userModeOnly: userModeOnly, path: path)
-            self.init(descriptor: descriptor, available: result.available, enabled: result.enabled, ioctls: result.ioctls)
+            self.init(descriptor: descriptor, available: result.available, enabled: result.enabled, ioctls: result.ioctls,
+                      servesOwnAddressSpace: true)
         } catch {
             _ = Glibc.close(descriptor)
             throw error
@@ -104,8 +109,10 @@ public final class UserfaultFD: Sendable {
         self.init(descriptor: descriptor, available: enabledFeatures, enabled: enabledFeatures, ioctls: supportedIoctls)
     }
 
-    init(descriptor: Int32, available: UserfaultFeatures, enabled: UserfaultFeatures, ioctls: UserfaultIoctls) {
+    init(descriptor: Int32, available: UserfaultFeatures, enabled: UserfaultFeatures, ioctls: UserfaultIoctls,
+         servesOwnAddressSpace: Bool = false) {
         self.fileDescriptor = descriptor
+        self.servesOwnAddressSpace = servesOwnAddressSpace
         self.lease = DescriptorLease(descriptor: descriptor)
         self.availableFeatures = available
         self.enabledFeatures = enabled

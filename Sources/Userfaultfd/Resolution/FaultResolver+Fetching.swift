@@ -15,7 +15,7 @@ final class Fetch {
     private(set) var id: Int
     private(set) var region: ServedRegion
     private(set) var pages: Range<Int>
-    /// Where `pages.lowerBound` lives; fixed at creation (a REMAP invalidates the fetch).
+    /// Where `pages.lowerBound` lives; fixed at creation (a REMAP abandons the fetch).
     private(set) var address: UInt
     var waiters: [FaultWaiter] = []
     var completions: [CheckedContinuation<Void, any Error>] = []
@@ -27,13 +27,13 @@ final class Fetch {
     var generation = 0
     /// A provider read is running for this fetch (it holds a read slot).
     var reading = false
-    /// The pages were removed or unmapped meanwhile: wake instead of installing.
-    var invalidated = false
     /// Started by asynchronous readahead, ahead of any fault.
     var isReadahead = false
     /// Bytes installed so far, and how (for a resolution the kernel deferred).
     var installed = 0
     var installation = Installation.copy
+    /// Why a page of the fetch could not be installed even on its own (it then gets the failure policy).
+    var installFailure: UserfaultError?
 
     init(id: Int, region: ServedRegion, pages: Range<Int>, address: UInt) {
         self.id = id
@@ -55,10 +55,10 @@ final class Fetch {
         attempts = 0
         generation = 0
         reading = false
-        invalidated = false
         isReadahead = false
         installed = 0
         installation = .copy
+        installFailure = nil
     }
 
     var length: Int { pages.count * region.pageSize }
@@ -185,14 +185,36 @@ extension FaultResolver {
 
     private func readTimedOut(id: Int, generation: Int, attempt: Int, timeout: Duration) {
         guard let fetch = fetches[id], fetch.generation == generation, fetch.attempts == attempt, fetch.reading else { return }
-        // Abandon the attempt: its buffer stays with the read still running and is returned when it ends.
+        abandonRead(of: fetch)
+        readFailed(fetch, error: ProviderTimeoutError(timeout: timeout))
+    }
+
+    /// Abandons the provider read in flight for `fetch`, if any: its late result is ignored (the buffer it fills stays
+    /// with it and is given back when it returns), it is cancelled, and its slot goes to a waiting fetch.
+    private func abandonRead(of fetch: Fetch) {
         fetch.generation += 1
+        fetch.task?.cancel()
+        guard fetch.reading else { return }
         fetch.reading = false
         fetch.buffer = nil
-        fetch.task?.cancel()
         activeReads -= 1
         launchWaiting()
-        readFailed(fetch, error: ProviderTimeoutError(timeout: timeout))
+    }
+
+    /// Ends a fetch whose data must not be installed (its pages were removed, unmapped or moved; resolution was
+    /// cancelled), at once rather than when its read returns: its read is abandoned, its pages are free to be fetched
+    /// again (a fault at their new address after a REMAP gets a fetch of its own instead of joining one whose wake
+    /// would go to the old address), and the threads waiting on it are released — resolved with `release`, or without
+    /// it woken at the address they faulted at, to fault again and get a fresh resolution. Prefetches waiting on it
+    /// get `error` (nil: they return).
+    func abandon(_ fetch: Fetch, releasing release: WaiterRelease?, error: (any Error)?) {
+        abandonRead(of: fetch)
+        if let release {
+            releaseWaiters(of: fetch, with: release)
+        } else {
+            wakeWaiters(of: fetch)
+        }
+        finishFetch(fetch, error: error)
     }
 
     private func launchWaiting() {
@@ -203,11 +225,6 @@ extension FaultResolver {
     }
 
     private func readFinished(_ fetch: Fetch, content: PageContent) {
-        if fetch.invalidated {
-            wakeWaiters(of: fetch)
-            finishFetch(fetch, error: nil)
-            return
-        }
         switch content {
         case .zeros:
             fetch.installation = .zeroPage
@@ -224,7 +241,7 @@ extension FaultResolver {
     private func readFailed(_ fetch: Fetch, error: any Error) {
         counters.withLock { $0.providerErrors += 1 }
         let permanent = (error as? any ProviderFailure)?.isPermanent ?? false
-        if !isCancelled, !fetch.invalidated, !permanent, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
+        if !isCancelled, !permanent, let delay = options.failurePolicy.backoff(beforeRetry: fetch.attempts) {
             let id = fetch.id, generation = fetch.generation
             executor.asyncAfter(delay) { [weak self] in
                 self?.assumeIsolated { resolver in
@@ -238,57 +255,36 @@ extension FaultResolver {
             }
             return
         }
-        let terminal = options.failurePolicy.terminal
-        let failure = RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
-                                  attempts: fetch.attempts, resolution: terminal)
-        reportFailure(failure)
-        if fetch.invalidated || fetch.waiters.isEmpty {
-            wakeWaiters(of: fetch)
-            // Prefetches waiting on this fetch get the RegionError, as when threads wait on it too.
-            finishFetch(fetch, error: failure)
-            return
-        }
-        // Resolve only the pages threads wait on; the rest of the cluster stays missing and is asked for again later.
-        releaseWaiters(of: fetch, with: WaiterRelease(terminal))
-        finishFetch(fetch, error: failure)
+        giveUp(fetch, error: error)
     }
 
     /// Installs a fetch's pages (copy, zero page or poison), splitting around pages already present and resuming after
     /// partial progress. When the kernel defers (`EAGAIN` with nothing done: an event is unread), the fetch waits in
     /// `deferred` and is retried after the next batch of events.
+    ///
+    /// The kernel refuses a range as a whole when it crosses the end of a mapping (`ENOENT`: part of the registered range
+    /// was `mprotect`ed, `mlock`ed or `madvise`d into a VMA of its own), or when it cannot allocate (`ENOMEM`, a cgroup
+    /// limit): the range is then halved until a part goes in (and grows back after each success), down to single pages.
+    /// A page that cannot be installed even alone gets the failure policy once the rest is in, so that no waiting
+    /// thread is left asleep (`giveUp`).
     func install(_ fetch: Fetch) {
         let total = fetch.length
+        let pageSize = fetch.region.pageSize
+        var chunk = total - fetch.installed
         while fetch.installed < total {
             let offset = fetch.installed
-            let destination = fetch.address + UInt(offset)
-            let remaining = total - offset
+            let length = min(chunk, total - offset)
             do throws(UserfaultError) {
-                switch fetch.installation {
-                case .copy:
-                    if let file = fetch.region.sharedFile {
-                        try installShared(file, from: fetch.buffer!.pointer + offset, fetch: fetch, offset: offset)
-                    } else {
-                        try uffd.copy(from: fetch.buffer!.pointer + offset, to: destination, length: remaining,
-                                      mode: options.installWriteProtected ? .writeProtect : [])
-                    }
-                case .zeroPage:
-                    if let file = fetch.region.sharedFile {
-                        try installShared(file, from: nil, fetch: fetch, offset: offset)
-                    } else {
-                        try fillWithZeros(MemoryRange(start: destination, length: remaining), of: fetch.region)
-                    }
-                case .poison:
-                    try uffd.poison(MemoryRange(start: destination, length: remaining))
-                }
-                markInstalled(fetch, bytes: remaining)
+                try installPart(of: fetch, offset: offset, length: length)
+                markInstalled(fetch, bytes: length)
+                chunk = 2 * length
             } catch {
                 switch error.code {
                 case .tryAgain(let done) where done > 0:
                     markInstalled(fetch, bytes: done)
                 case .pageExists:
                     // Someone else resolved this page: count it present, wake whoever waits on it, go on after it.
-                    let pageSize = fetch.region.pageSize
-                    try? uffd.wake(MemoryRange(start: destination, length: pageSize))
+                    try? uffd.wake(MemoryRange(start: fetch.address + UInt(offset), length: pageSize))
                     fetch.region.present[fetch.pages.lowerBound + offset / pageSize] = true
                     fetch.installed += pageSize
                 case .tryAgain:
@@ -296,18 +292,65 @@ extension FaultResolver {
                     counters.withLock { $0.deferredRetries += 1 }
                     scheduleDeferredRetry()
                     return
-                default:
-                    // The range is gone (unmapped, process exited, closed): nothing to wake.
+                case .closed, .processExited:
+                    // Nobody is left waiting: closing woke every thread, and an exited address space has none.
                     finishFetch(fetch, error: nil)
                     return
+                default:
+                    if length > pageSize {
+                        chunk = length / pageSize / 2 * pageSize
+                    } else {
+                        // This page alone is refused too: leave it for the failure policy, go on after it.
+                        fetch.installFailure = error
+                        fetch.installed += pageSize
+                    }
                 }
             }
+        }
+        if let failure = fetch.installFailure {
+            giveUp(fetch, error: failure)
+            return
         }
         let now = monotonicNanoseconds()
         counters.withLock { counters in
             for waiter in fetch.waiters { counters.latency.record(nanoseconds: now &- waiter.readAt) }
         }
         finishFetch(fetch, error: nil)
+    }
+
+    /// Installs `length` bytes of a fetch from `offset` on, the way its installation says.
+    private func installPart(of fetch: Fetch, offset: Int, length: Int) throws(UserfaultError) {
+        let range = MemoryRange(start: fetch.address + UInt(offset), length: length)
+        switch fetch.installation {
+        case .copy:
+            if let file = fetch.region.sharedFile {
+                try installShared(file, from: fetch.buffer!.pointer + offset, fetch: fetch, range: range)
+            } else {
+                try uffd.copy(from: fetch.buffer!.pointer + offset, to: range.start, length: length,
+                              mode: options.installWriteProtected ? .writeProtect : [])
+            }
+        case .zeroPage:
+            if let file = fetch.region.sharedFile {
+                try installShared(file, from: nil, fetch: fetch, range: range)
+            } else {
+                try fillWithZeros(range, of: fetch.region)
+            }
+        case .poison:
+            try uffd.poison(range)
+        }
+    }
+
+    /// Gives up on a fetch: reports `error` with the failure policy's final resolution, resolves the pages threads wait
+    /// on with it (zeros or poison; a page that cannot take that either is woken, its thread faults again), and ends
+    /// the fetch, handing prefetches waiting on it the ``RegionError``. Pages nobody waits on stay missing and are
+    /// asked for again when touched.
+    private func giveUp(_ fetch: Fetch, error: any Error) {
+        let terminal = options.failurePolicy.terminal
+        let failure = RegionError(range: fetch.range, providerOffset: fetch.providerOffset, underlying: error,
+                                  attempts: fetch.attempts, resolution: terminal)
+        reportFailure(failure)
+        releaseWaiters(of: fetch, with: WaiterRelease(terminal))
+        finishFetch(fetch, error: failure)
     }
 
     private func markInstalled(_ fetch: Fetch, bytes: Int) {
@@ -350,13 +393,7 @@ extension FaultResolver {
         let ids = deferred
         deferred.removeAll()
         for id in ids {
-            guard let fetch = fetches[id] else { continue }
-            if fetch.invalidated {
-                wakeWaiters(of: fetch)
-                finishFetch(fetch, error: nil)
-            } else {
-                install(fetch)
-            }
+            if let fetch = fetches[id] { install(fetch) }
         }
     }
 
@@ -373,11 +410,11 @@ extension FaultResolver {
         }
     }
 
-    /// Marks fetches overlapping `segment` (a removed, unmapped or moved part) so that their data is not installed.
+    /// Abandons the fetches overlapping `segment` (a removed, unmapped or moved part): their data is not installed,
+    /// and their waiters are woken to fault again.
     func invalidateFetches(in segment: ServedSegment) {
-        for fetch in fetches.values where fetch.region === segment.region && fetch.pages.overlaps(segment.pages) {
-            fetch.invalidated = true
-        }
+        let stale = fetches.values.filter { $0.region === segment.region && $0.pages.overlaps(segment.pages) }
+        for fetch in stale.sorted(by: { $0.id < $1.id }) { abandon(fetch, releasing: nil, error: nil) }
     }
 
     /// Wakes the threads waiting on a fetch whose data will not be installed: they fault again and get a fresh resolution.
@@ -439,11 +476,10 @@ extension FaultResolver {
 
     /// MINOR installation: the fetched bytes go into the shared file's page cache through its unregistered view (pages
     /// already there are kept), then `UFFDIO_CONTINUE` maps them into the faulting mapping — no second copy.
-    private func installShared(_ file: SharedMemoryFile, from source: UnsafeRawPointer?, fetch: Fetch, offset: Int) throws(UserfaultError) {
-        let length = fetch.length - offset
-        let fileOffset = fetch.pages.lowerBound * fetch.region.pageSize + offset
-        file.fill(offset: fileOffset, count: length, from: source)
-        try uffd.continue(MemoryRange(start: fetch.address + UInt(offset), length: length))
+    private func installShared(_ file: SharedMemoryFile, from source: UnsafeRawPointer?, fetch: Fetch, range: MemoryRange) throws(UserfaultError) {
+        let fileOffset = fetch.pages.lowerBound * fetch.region.pageSize + Int(range.start - fetch.address)
+        file.fill(offset: fileOffset, count: range.length, from: source)
+        try uffd.continue(range)
     }
 
     /// Ends a fetch: clears its in-flight pages, returns its buffer, resumes prefetches waiting on it.

@@ -22,7 +22,8 @@ import Synchronization
 /// - Up to ``Options/maxConcurrentReads`` provider reads are in flight; more wait their turn.
 /// - Providers that answer at once (``PageProvider/readImmediately(into:at:)``) are served inside the event handler.
 /// - Races are handled: a page already present is woken (`EEXIST`), partial progress is resumed, clusters are split
-///   around pages that became present, a range removed or unmapped meanwhile is dropped.
+///   around pages that became present and where the kernel refuses them whole (across two mappings), a fetch for a
+///   range removed, unmapped or moved meanwhile is dropped and its threads woken.
 /// - Events first: REMOVE, UNMAP, REMAP and FORK in a batch are applied before its faults; a resolution the kernel
 ///   defers (`EAGAIN` while an event is unread) is retried after the next read, and the reader never waits on a provider.
 /// - A provider that throws or times out gets the ``FailurePolicy``; the faulting thread never hangs.
@@ -231,12 +232,7 @@ public actor FaultResolver {
         waitingForSlot.removeAll()
         for id in Array(fetches.keys).sorted() {
             guard let fetch = fetches[id] else { continue }
-            fetch.task?.cancel()
-            fetch.generation += 1
-            deferred.removeAll { $0 == id }
-            if fetch.reading { activeReads -= 1 }
-            releaseWaiters(of: fetch, with: WaiterRelease(options.cancellation))
-            finishFetch(fetch, error: CancellationError())
+            abandon(fetch, releasing: WaiterRelease(options.cancellation), error: CancellationError())
         }
     }
 
@@ -385,7 +381,10 @@ public actor FaultResolver {
             }
         }
         if region.present[index] {
-            if pageIsResident(regionPage) {
+            // Only this process's own memory can be asked: for another's (a received userfaultfd, a forked child),
+            // `mincore` here tells about whatever this process has at that address. There the page is resolved again;
+            // if it is present after all (a duplicate message), the install meets EEXIST and wakes its thread.
+            if uffd.servesOwnAddressSpace, pageIsResident(regionPage) {
                 // A duplicate message from a thread the install already woke (or that re-faulted after a signal).
                 try? uffd.wake(regionPage)
                 counters.withLock {
