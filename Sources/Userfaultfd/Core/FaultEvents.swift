@@ -18,6 +18,10 @@ extension UserfaultFD {
     ///   iteration picks up where it stopped.
     /// - A message that cannot be decoded is thrown as a ``UserfaultError`` (``UserfaultError/Code/unknownEvent(_:)``,
     ///   ``UserfaultError/Code/malformedMessage``); iterating again continues with the next message.
+    /// - A `read(2)` that fails (`EMFILE`/`ENFILE` while the kernel installs a forked child's userfaultfd, `ENOMEM`) is
+    ///   thrown as a ``UserfaultError`` of operation ``UserfaultError/Operation/readEvents`` with its errno, once per run
+    ///   of failures; the message stays queued and the reader tries again, backing off from 1 ms to 1 s, so iterating
+    ///   again gets it once the read succeeds.
     ///
     /// The loop's task must be able to run while faulting threads are blocked: on a machine with few cores, run it with a
     /// task executor preference for ``eventExecutor`` (or on a thread that never touches registered memory).

@@ -100,7 +100,9 @@ public actor FaultResolver {
     nonisolated let executor: QueueExecutor
     nonisolated let counters = Mutex(ResolverStatistics())
     private nonisolated let errorChannel = AsyncStream<RegionError>.makeStream(bufferingPolicy: .bufferingNewest(256))
-    private nonisolated let forkChannel = AsyncStream<UserfaultFD>.makeStream()
+    private nonisolated let forkChannel = ForkedChildQueue(limit: FaultResolver.forkedChildrenLimit)
+    /// Children ``forkedChildren`` keeps at most for a consumer; beyond that the oldest is closed.
+    public static let forkedChildrenLimit = 64
 
     public nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
 
@@ -221,6 +223,11 @@ public actor FaultResolver {
 
     /// The userfaultfds of forked children (with ``UserfaultFeatures/eventFork``). Their faults are not served by this
     /// resolver; serve or close each one.
+    ///
+    /// Each fork installs a descriptor in this process, so while nobody iterates at most ``forkedChildrenLimit``
+    /// children are kept: beyond that the oldest is closed (its child's faults then fall back to ordinary memory) and
+    /// counted in ``ResolverStatistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
+    /// userfaultfd closed) are closed, and the stream ends. Each child goes to one iterator.
     public nonisolated var forkedChildren: AsyncStream<UserfaultFD> { forkChannel.stream }
 
     /// Stops calling providers: faults pending now and later are resolved at once with ``Options/cancellation``,
@@ -335,7 +342,8 @@ public actor FaultResolver {
             if options.serveForkedChildren {
                 serveChild(child)
             } else {
-                forkChannel.continuation.yield(child)
+                let dropped = forkChannel.offer(child)
+                if dropped > 0 { counters.withLock { $0.forkedChildrenDropped += dropped } }
             }
         }
     }
@@ -544,7 +552,7 @@ public actor FaultResolver {
         for child in childResolvers { child.resolver.uffd.close() }
         childResolvers.removeAll()
         errorChannel.continuation.finish()
-        forkChannel.continuation.finish()
+        forkChannel.finish()
     }
 }
 
