@@ -18,11 +18,10 @@ public final class SharedMemoryFile: @unchecked Sendable {
     private let view: UInt
 
     /// Creates a memfd of `length` bytes (rounded up to whole pages) and maps a view of it.
+    /// - Throws: ``UserfaultError/Code/invalidArgument`` when `length` is not positive or does not round up to whole
+    ///   pages within `Int.max`; the errno's code when the memfd cannot be made, sized or mapped.
     public init(length: Int, name: String = "swift-userfaultfd") throws(UserfaultError) {
-        guard length > 0 else {
-            throw UserfaultError(.invalidArgument, operation: .mapSharedMemory, detail: "the length must be positive, got \(length)")
-        }
-        let rounded = (length + systemPageSize - 1) & ~(systemPageSize - 1)
+        let rounded = try wholePages(length, operation: .mapSharedMemory, of: "a shared memory file")
         let descriptor = cuffd_memfd_create(name)
         guard descriptor >= 0 else {
             throw UserfaultError(operation: .mapSharedMemory, errno: Glibc.errno, detail: "memfd_create failed")

@@ -248,9 +248,14 @@ public actor FaultResolver {
     }
 
     /// Resolves `range` ahead of access, without blocking a thread. Returns when every page in it is present (or throws
-    /// the provider's ``RegionError`` once the failure policy gave up on a page).
+    /// the provider's ``RegionError`` once the failure policy gave up on a page). A range with a negative length, or
+    /// whose pages run past the end of the address space, throws ``UserfaultError/Code/invalidArgument``.
     public func prefetch(_ range: MemoryRange) async throws {
         let wanted = range.expandedToPages(of: pageSize)
+        guard range.isWithinAddressSpace, wanted.isAligned(to: pageSize), wanted.contains(range) else {
+            throw UserfaultError(.invalidArgument, operation: .register, range: nil,
+                                 detail: "prefetch range from 0x\(String(range.start, radix: 16)), \(range.length) bytes, runs past the end of the address space")
+        }
         // Fetches are recycled when they finish: remember each one's id to know it is still the same fetch.
         var awaited: [(id: Int, fetch: Fetch)] = []
         for segment in segments {
