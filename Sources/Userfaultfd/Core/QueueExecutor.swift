@@ -63,6 +63,16 @@ public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Senda
 }
 
 extension Duration {
+    /// In nanoseconds, saturated: 0 for a negative duration, `UInt64.max` beyond what fits.
+    var saturatingNanoseconds: UInt64 {
+        let (seconds, attoseconds) = components
+        guard seconds >= 0, attoseconds >= 0 || seconds > 0 else { return 0 }
+        let (whole, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return .max }
+        let (sum, carry) = whole.addingReportingOverflow(UInt64(max(0, attoseconds) / 1_000_000_000))
+        return carry ? .max : sum
+    }
+
     /// As a Dispatch time interval.
     var timeInterval: DispatchTimeInterval {
         let (seconds, attoseconds) = components
