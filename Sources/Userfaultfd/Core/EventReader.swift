@@ -104,8 +104,7 @@ final class EventReader: Sendable {
             }
             guard lease.acquire() else { return UserfaultError(.closed, operation: .readEvents) }
             state.sink = sink
-            let (seconds, attoseconds) = pollingWindow.components
-            state.pollingWindowNanoseconds = UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+            state.pollingWindowNanoseconds = pollingWindow.saturatingNanoseconds
             let source = DispatchSource.makeReadSource(fileDescriptor: lease.descriptor, queue: executor.queue)
             source.setEventHandler { [weak self] in self?.drain() }
             source.setCancelHandler { [weak self, lease] in
@@ -189,7 +188,7 @@ final class EventReader: Sendable {
                     guard window > 0, !executor.hasQueuedWork else { return }
                     let now = monotonicNanoseconds()
                     guard now < pollBudgetEnd else { return }
-                    pollUntil = min(now &+ window, pollBudgetEnd)
+                    pollUntil = window > pollBudgetEnd - now ? pollBudgetEnd : now + window
                 }
             }
         }

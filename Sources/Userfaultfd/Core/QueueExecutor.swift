@@ -73,9 +73,10 @@ extension Duration {
         return carry ? .max : sum
     }
 
-    /// As a Dispatch time interval.
+    /// As a Dispatch time interval, saturated: `.never` beyond what nanoseconds in an `Int` hold (about 292 years),
+    /// zero for a negative duration.
     var timeInterval: DispatchTimeInterval {
-        let (seconds, attoseconds) = components
-        return .nanoseconds(Int(min(seconds, Int64(Int.max / 1_000_000_000))) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
+        let nanoseconds = saturatingNanoseconds
+        return nanoseconds > UInt64(Int.max) ? .never : .nanoseconds(Int(nanoseconds))
     }
 }
