@@ -10,7 +10,7 @@ import Synchronization
 ///
 /// ```swift
 /// let resolver = FaultResolver(uffd: uffd)
-/// await resolver.serve(range, provider: provider)
+/// try await resolver.serve(range, provider: provider)
 /// for try await event in uffd.events {
 ///     try await resolver.handle(event)
 /// }
