@@ -78,13 +78,7 @@ struct EventSequenceTests {
             let uffd = try scope.makeUFFD()
             let mapping = try scope.makeMapping(pages: 2)
             try uffd.register(mapping.range, mode: .missing)
-            let reader0 = readOnThread(mapping.page(0))
-            do {
-                var events = uffd.events.makeAsyncIterator()
-                #expect(try await nextPageFault(&events).pageAddress == mapping.page(0))
-            }
-            try uffd.zeroPage(mapping.pages(0))
-            #expect(await reader0.value == 0)
+            try await startReaderAndLeaveIt(uffd, mapping)
             // A fault while nobody iterates: the reader keeps it; then the userfaultfd is closed (waking the thread).
             let reader1 = readOnThread(mapping.page(1))
             try await Task.sleep(for: .milliseconds(300))
@@ -148,21 +142,26 @@ struct EventSequenceTests {
         }
     }
 
+    /// Starts the reader with a first iteration that takes a fault on page 0 (resolved with zeros), then lets the
+    /// iterator go: from here on the reader takes messages off the descriptor while nobody iterates.
+    func startReaderAndLeaveIt(_ uffd: UserfaultFD, _ mapping: TestMapping) async throws {
+        let reader0 = readOnThread(mapping.page(0))
+        do {
+            var events = uffd.events.makeAsyncIterator()
+            let fault = try await nextPageFault(&events)
+            #expect(fault.pageAddress == mapping.page(0))
+        }
+        try uffd.zeroPage(mapping.pages(0))
+        #expect(await reader0.value == 0)
+    }
+
     @Test(.timeLimit(.minutes(1)))
     func eventsReadWhileNobodyIteratesAreKept() async throws {
         try await withFaultWatchdog { scope in
             let uffd = try scope.makeUFFD()
             let mapping = try scope.makeMapping(pages: 3)
             try uffd.register(mapping.range, mode: .missing)
-            // The first iteration starts the reader; then the iterator goes away.
-            let reader0 = readOnThread(mapping.page(0))
-            do {
-                var events = uffd.events.makeAsyncIterator()
-                let fault = try await nextPageFault(&events)
-                #expect(fault.pageAddress == mapping.page(0))
-            }
-            try uffd.zeroPage(mapping.pages(0))
-            #expect(await reader0.value == 0)
+            try await startReaderAndLeaveIt(uffd, mapping)
 
             // Two faults while nobody iterates: the reader takes them off the descriptor and keeps them.
             let reader1 = readOnThread(mapping.page(1))
