@@ -14,7 +14,8 @@ protocol FaultEventSink: AnyObject, Sendable {
     /// A failed `read(2)` arrives here too, as a batch of one failure (``UserfaultError/Operation/readEvents``): the
     /// reader keeps the userfaultfd and tries again after a backoff (see ``EventReader``).
     func receive(_ batch: inout [Result<FaultEvent, UserfaultError>])
-    /// The reader stopped: `nil` when the userfaultfd was closed, otherwise the read error.
+    /// The reader stopped: the userfaultfd was closed. (`error` is `nil` from the reader, whose read errors are never
+    /// fatal; sinks also accept one, which they report before ending.)
     func finish(_ error: UserfaultError?)
 }
 
