@@ -190,19 +190,30 @@ enum ForkScenario {
         let resolver = FaultResolver(uffd: uffd)
         try resolver.start()
         let before = openUserfaultfdCount()
-        // The children read a byte that is not registered (they exit at once); only the FORK events matter.
-        let plain = UnsafeMutablePointer<UInt8>.allocate(capacity: 1)
-        plain.initialize(to: 7)
-        defer { plain.deallocate() }
-        for index in 0..<forks {
-            let fork = ForkOnThread(address: UInt(bitPattern: plain), expected: 7)
-            let deadline = ContinuousClock.now + .seconds(10)
-            while fork.pid == nil && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(1)) }
-            guard let pid = fork.pid, pid > 0 else {
-                throw ScenarioFailure(description: "fork \(index) did not return within 10 s (or failed: errno \(fork.forkErrno))")
+        // The children exit at once (running nothing, so the scenario also runs under ThreadSanitizer); only the FORK
+        // events matter.
+        // One thread forks them all, one after another (each fork returns once its event is read), and reaps each child.
+        let outcome = ForkerOutcome()
+        let forker = Thread {
+            var failure = ""
+            for index in 0..<forks {
+                let pid = cuffd_test_fork_exiting()
+                guard pid > 0 else { failure = "fork \(index) failed: errno \(Glibc.errno)"; break }
+                var status: Int32 = 0
+                guard cuffd_test_waitpid(pid, &status, 0) == pid, cuffd_test_decode_status(status) == 0 else {
+                    failure = "child \(index) failed: status \(cuffd_test_decode_status(status))"
+                    break
+                }
             }
-            guard await waitForChild(pid, seconds: 10) == 0 else { throw ScenarioFailure(description: "child \(index) failed") }
+            outcome.value.withLock { $0 = failure }
         }
+        forker.start()
+        let deadline = ContinuousClock.now + .seconds(40)
+        while outcome.value.withLock({ $0 }) == nil && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(5)) }
+        guard let failure = outcome.value.withLock({ $0 }) else {
+            throw ScenarioFailure(description: "\(forks) forks did not finish within 40 s (a FORK event was never read)")
+        }
+        guard failure.isEmpty else { throw ScenarioFailure(description: failure) }
         let after = openUserfaultfdCount()
         // What the resolver may buffer for a consumer that comes later (FaultResolver.forkedChildrenLimit), and the
         // last child's: the fork returns once its event is read, maybe before the resolver has applied it.
@@ -302,6 +313,11 @@ final class ForkOnThread: Sendable {
     /// The child's pid once the fork returned (-1 if it failed), nil while it has not.
     var pid: pid_t? { result.withLock { $0?.pid } }
     var forkErrno: Int32 { result.withLock { $0?.errno ?? 0 } }
+}
+
+/// What the forking thread of --unconsumed-forks found: nil while it runs, "" when every fork went well.
+final class ForkerOutcome: Sendable {
+    let value = Mutex<String?>(nil)
 }
 
 /// The byte a reader thread read, once it has.
