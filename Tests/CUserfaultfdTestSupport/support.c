@@ -103,6 +103,15 @@ pid_t cuffd_test_fork_toucher(const volatile void *addr, unsigned char expected,
     return (pid_t)pid;
 }
 
+__attribute__((no_sanitize("thread")))
+pid_t cuffd_test_fork_exiting(void) {
+    long pid = syscall(SYS_clone, (unsigned long)SIGCHLD, 0UL, 0UL, 0UL, 0UL);
+    if (pid == 0) {
+        syscall(SYS_exit_group, 0);
+    }
+    return (pid_t)pid;
+}
+
 pid_t cuffd_test_waitpid(pid_t pid, int *status, int nohang) {
     pid_t result;
     do {

@@ -8,6 +8,13 @@
 //   uffd-forked-region --serve      the region opts in: the child's fault is served with the provider's byte, and
 //                                   once the child has exited its resolver is let go (forkedChildrenExited)
 //   uffd-forked-region --no-serve   it does not: the child's copy of the page is ordinary (zero) anonymous memory
+//   uffd-forked-region --emfile     as --serve, but the FORK event is first read while the process is out of
+//                                   descriptors (RLIMIT_NOFILE lowered, so the kernel cannot install the child's
+//                                   userfaultfd: EMFILE); the error is reported, and once the limit is raised again the
+//                                   reader reads the event (the fork returns) and the child is served
+//   uffd-forked-region --unconsumed-forks
+//                                   a resolver whose forkedChildren nobody consumes sees 300 forks: the descriptors it
+//                                   keeps for them stay bounded, and closing it closes those it kept
 //
 // Either way the parent's page is still missing after the child ran (the child's fault never reaches the parent's
 // userfaultfd) and the parent then reads the provider's byte through its own fault.
@@ -25,12 +32,17 @@ import Userfaultfd
 enum ForkedRegionHelper {
     static func main() async {
         let arguments = Array(CommandLine.arguments.dropFirst())
-        guard arguments.count == 1, ["--serve", "--no-serve"].contains(arguments[0]) else {
-            fail(2, "usage: uffd-forked-region --serve|--no-serve")
+        guard arguments.count == 1, ["--serve", "--no-serve", "--emfile", "--unconsumed-forks"].contains(arguments[0]) else {
+            fail(2, "usage: uffd-forked-region --serve|--no-serve|--emfile|--unconsumed-forks")
         }
         alarm(60)  // a last-resort bound; the test kills this process earlier when it overruns
         do {
-            let report = try await ForkScenario.run(serving: arguments[0] == "--serve")
+            let report: String
+            switch arguments[0] {
+            case "--emfile": report = try await ForkScenario.runOutOfDescriptors()
+            case "--unconsumed-forks": report = try await ForkScenario.runUnconsumedForks()
+            default: report = try await ForkScenario.run(serving: arguments[0] == "--serve")
+            }
             print("OK \(report)")
             exit(0)
         } catch let failure as ScenarioFailure {
@@ -105,6 +117,158 @@ enum ForkScenario {
         }
     }
 
+    /// The FORK event arrives while the process has no descriptor left: `read(2)` of the parent's userfaultfd fails with
+    /// EMFILE (the kernel cannot install the child's userfaultfd) and leaves the event queued, the forking thread asleep.
+    /// The reader must report that and keep trying; once the limit is raised it reads the event, the fork returns and
+    /// the child's fault is served.
+    static func runOutOfDescriptors() async throws -> String {
+        let pageSize = systemPageSize
+        let source = (0..<(8 * pageSize)).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) }
+        let offset = 3 * pageSize + 5
+        let expected = source[offset]
+        return try await LazyRegion.with(length: source.count, provider: MemoryProvider(source),
+                                         options: .init(readahead: .none, serveForkedChildren: true)) { region in
+            let address = UInt(bitPattern: region.baseAddress) + UInt(offset)
+            // libdispatch makes a timerfd the first time a timer of a kind is armed: arm the kinds used here now, while
+            // descriptors are still available (a server out of descriptors has armed its timers long before).
+            await warmUpTimers(region.uffd.eventExecutor)
+            var saved = rlimit()
+            guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &saved) == 0 else {
+                throw ScenarioFailure(description: "getrlimit: errno \(errno)")
+            }
+            // The lowest free descriptor number becomes the limit: the next descriptor the kernel installs fails EMFILE.
+            let lowestFree = dup(0)
+            guard lowestFree >= 0 else { throw ScenarioFailure(description: "dup: errno \(errno)") }
+            close(lowestFree)
+            var lowered = saved
+            lowered.rlim_cur = rlim_t(lowestFree)
+            guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &lowered) == 0 else {
+                throw ScenarioFailure(description: "setrlimit: errno \(errno)")
+            }
+            let fork = ForkOnThread(address: address, expected: expected)
+            // The reader's first read fails with EMFILE; it must say so on the region's error stream.
+            let reported = await firstError(of: region.errors, within: .seconds(5))
+            let forkReturnedEarly = fork.pid != nil
+            guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &saved) == 0 else {
+                throw ScenarioFailure(description: "setrlimit (restoring): errno \(errno)")
+            }
+            guard !forkReturnedEarly else {
+                throw ScenarioFailure(description: "fork returned while the process had no descriptor for the child's userfaultfd")
+            }
+            guard let reported, let underlying = reported.underlying as? UserfaultError, underlying.errno == EMFILE else {
+                throw ScenarioFailure(description: "the EMFILE read was not reported (got \(String(describing: reported)))")
+            }
+            // The limit is back: the event must now be read (the fork returns) and the child served.
+            let forkDeadline = ContinuousClock.now + .seconds(10)
+            while fork.pid == nil && ContinuousClock.now < forkDeadline {
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+            guard let pid = fork.pid else {
+                throw ScenarioFailure(description: "the fork did not return within 10 s of the limit being raised: the FORK event was never read")
+            }
+            guard pid > 0 else { throw ScenarioFailure(description: "fork failed: errno \(fork.forkErrno)") }
+            guard let status = await waitForChild(pid, seconds: 20) else {
+                kill(pid, SIGKILL)
+                var ignored: Int32 = 0
+                _ = cuffd_test_waitpid(pid, &ignored, 0)
+                throw ScenarioFailure(description: "the child did not exit within 20 s (its fault was never resolved)")
+            }
+            guard status == 0 else { throw ScenarioFailure(description: "child exit status \(status), expected 0 (the provider's byte)") }
+            let served = region.statistics.forkedChildrenServed
+            guard served == 1 else { throw ScenarioFailure(description: "forkedChildrenServed is \(served), expected 1") }
+            return "emfile reported=EMFILE childStatus=\(status) forkedChildrenServed=\(served)"
+        }
+    }
+
+    /// 300 forks of a process whose resolver's `forkedChildren` nobody consumes: each FORK installs a userfaultfd in this
+    /// process, and the resolver must not keep them all. Closing the userfaultfd closes the ones it kept.
+    static func runUnconsumedForks() async throws -> String {
+        let forks = 300
+        let memory = try AnonymousMemory(length: systemPageSize)
+        let uffd = try UserfaultFD(requiredFeatures: [.eventFork])
+        try uffd.register(memory.range, mode: .missing)
+        let resolver = FaultResolver(uffd: uffd)
+        try resolver.start()
+        let before = openUserfaultfdCount()
+        // The children exit at once (running nothing, so the scenario also runs under ThreadSanitizer); only the FORK
+        // events matter.
+        // One thread forks them all, one after another (each fork returns once its event is read), and reaps each child.
+        let outcome = ForkerOutcome()
+        let forker = Thread {
+            var failure = ""
+            for index in 0..<forks {
+                let pid = cuffd_test_fork_exiting()
+                guard pid > 0 else { failure = "fork \(index) failed: errno \(Glibc.errno)"; break }
+                var status: Int32 = 0
+                guard cuffd_test_waitpid(pid, &status, 0) == pid, cuffd_test_decode_status(status) == 0 else {
+                    failure = "child \(index) failed: status \(cuffd_test_decode_status(status))"
+                    break
+                }
+            }
+            outcome.value.withLock { $0 = failure }
+        }
+        forker.start()
+        let deadline = ContinuousClock.now + .seconds(40)
+        while outcome.value.withLock({ $0 }) == nil && ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(5)) }
+        guard let failure = outcome.value.withLock({ $0 }) else {
+            throw ScenarioFailure(description: "\(forks) forks did not finish within 40 s (a FORK event was never read)")
+        }
+        guard failure.isEmpty else { throw ScenarioFailure(description: failure) }
+        let after = openUserfaultfdCount()
+        // What the resolver may buffer for a consumer that comes later (FaultResolver.forkedChildrenLimit), and the
+        // last child's: the fork returns once its event is read, maybe before the resolver has applied it.
+        let allowed = 64 + 1
+        let kept = after - before
+        guard kept <= allowed else {
+            throw ScenarioFailure(description: "\(kept) userfaultfds more after \(forks) unconsumed forks (\(before) -> \(after)); at most \(allowed) may be kept")
+        }
+        uffd.close()
+        let closeDeadline = ContinuousClock.now + .seconds(5)
+        while openUserfaultfdCount() > 0 && ContinuousClock.now < closeDeadline {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        let closed = openUserfaultfdCount()
+        guard closed == 0 else {
+            throw ScenarioFailure(description: "\(closed) userfaultfds open 5 s after closing the resolver's (the children's it kept must be closed with it)")
+        }
+        withExtendedLifetime(resolver) {}
+        return "unconsumed forks=\(forks) kept<=\(allowed) closedAtFinish"
+    }
+
+    /// Userfaultfds open in this process (entries of /proc/self/fd that link to one; the runtime's own descriptors,
+    /// timerfds and pipes made along the way, are not counted).
+    static func openUserfaultfdCount() -> Int {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        return names.filter {
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) == "anon_inode:[userfaultfd]"
+        }.count
+    }
+
+    /// The first error of `stream` within `timeout`, or nil.
+    static func firstError(of stream: AsyncStream<RegionError>, within timeout: Duration) async -> RegionError? {
+        await withTaskGroup(of: RegionError?.self) { group in
+            group.addTask { for await error in stream { return error }; return nil }
+            group.addTask { try? await Task.sleep(for: timeout); return nil }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+    }
+
+    /// Arms a one-shot timer on `executor`'s queue and one through Task.sleep, and waits for both to fire.
+    static func warmUpTimers(_ executor: QueueExecutor) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            executor.queue.asyncAfter(deadline: .now() + .milliseconds(1)) { continuation.resume() }
+        }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let timer = DispatchSource.makeTimerSource(queue: executor.queue)
+            timer.setEventHandler { timer.cancel(); continuation.resume() }
+            timer.schedule(deadline: .now() + .milliseconds(1))
+            timer.resume()
+        }
+        try? await Task.sleep(for: .milliseconds(1))
+    }
+
     /// Waits for `pid` (polling, so no thread blocks), up to `seconds`: its exit code (or -signal), or nil.
     static func waitForChild(_ pid: pid_t, seconds: Int) async -> Int32? {
         let deadline = ContinuousClock.now + .seconds(seconds)
@@ -132,6 +296,28 @@ enum ForkScenario {
         }
         return read.value.withLock { $0 }
     }
+}
+
+/// `cuffd_test_fork_toucher` on a thread of its own: with EVENT_FORK it returns only once the FORK event has been read.
+final class ForkOnThread: Sendable {
+    private let result = Mutex<(pid: pid_t, errno: Int32)?>(nil)
+
+    init(address: UInt, expected: UInt8) {
+        Thread { [self] in
+            let pid = cuffd_test_fork_toucher(UnsafeRawPointer(bitPattern: address), expected, 20)
+            let error = Glibc.errno
+            self.result.withLock { $0 = (pid, error) }
+        }.start()
+    }
+
+    /// The child's pid once the fork returned (-1 if it failed), nil while it has not.
+    var pid: pid_t? { result.withLock { $0?.pid } }
+    var forkErrno: Int32 { result.withLock { $0?.errno ?? 0 } }
+}
+
+/// What the forking thread of --unconsumed-forks found: nil while it runs, "" when every fork went well.
+final class ForkerOutcome: Sendable {
+    let value = Mutex<String?>(nil)
 }
 
 /// The byte a reader thread read, once it has.

@@ -17,9 +17,10 @@ public final class AnonymousMemory: @unchecked Sendable {
 
     /// Maps `length` bytes, rounded up to whole pages.
     /// - Parameter noReserve: don't reserve swap for the mapping (for huge, sparse regions).
+    /// - Throws: ``UserfaultError/Code/invalidArgument`` when `length` is not positive or does not round up to whole
+    ///   pages within `Int.max`; ``UserfaultError/Code/system`` when `mmap` fails.
     public init(length: Int, noReserve: Bool = false) throws(UserfaultError) {
-        precondition(length > 0, "length must be positive")
-        let rounded = (length + systemPageSize - 1) & ~(systemPageSize - 1)
+        let rounded = try wholePages(length, operation: .register, of: "anonymous memory")
         let flags = MAP_PRIVATE | MAP_ANONYMOUS | (noReserve ? MAP_NORESERVE : 0)
         let pointer = mmap(nil, rounded, PROT_READ | PROT_WRITE, flags, -1, 0)
         guard let pointer, pointer != MAP_FAILED else {

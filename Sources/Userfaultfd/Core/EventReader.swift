@@ -10,19 +10,34 @@ import Synchronization
 /// thread which may be faulting: a thread that caused a non-fault event sleeps until the event is read.
 protocol FaultEventSink: AnyObject, Sendable {
     /// A batch of decoded messages, in the order the kernel returned them. The array is reused; don't keep it.
+    ///
+    /// A failed `read(2)` arrives here too, as a batch of one failure (``UserfaultError/Operation/readEvents``): the
+    /// reader keeps the userfaultfd and tries again after a backoff (see ``EventReader``).
     func receive(_ batch: inout [Result<FaultEvent, UserfaultError>])
-    /// The reader stopped: `nil` when the userfaultfd was closed, otherwise the read error.
+    /// The reader stopped: the userfaultfd was closed. (`error` is `nil` from the reader, whose read errors are never
+    /// fatal; sinks also accept one, which they report before ending.)
     func finish(_ error: UserfaultError?)
 }
 
 /// Reads a userfaultfd with a dedicated `DispatchSourceRead` on its own serial queue, a batch of messages per `read(2)`.
 ///
 /// Started by the first sink that attaches; one sink for the reader's life (the events channel or a resolver).
+///
+/// A `read(2)` that fails (other than `EAGAIN`/`EINTR`) never stops the reader while the userfaultfd is open: the
+/// kernel keeps the message queued — `EMFILE` or `ENFILE` when it cannot install a forked child's userfaultfd,
+/// `ENOMEM` — and the thread that caused it asleep, so giving up would hang that thread for good. The reader hands the
+/// error to the sink (the first of a run of failures, and whenever the errno changes), suspends its Dispatch source,
+/// and reads again from a timer on its own queue after a backoff that doubles from 1 ms up to 1 s; the first
+/// successful read ends the run.
 final class EventReader: Sendable {
     /// Messages read per `read(2)` at most.
     static let batchCapacity = 64
     /// The longest one handler invocation keeps polling (see `attach(_:pollingWindow:)`).
     static let pollingBudgetNanoseconds: UInt64 = 1_000_000
+    /// The first wait before reading again after a failed read; it doubles with each failure in a row.
+    static let firstRetryDelay: Duration = .milliseconds(1)
+    /// The longest wait between two attempts.
+    static let longestRetryDelay: Duration = .seconds(1)
 
     let executor: QueueExecutor
     private let lease: DescriptorLease
@@ -35,6 +50,12 @@ final class EventReader: Sendable {
         var sink: (any FaultEventSink)?
         var cancelled = false
         var pollingWindowNanoseconds: UInt64 = 0
+        /// The source is suspended while a failed read waits for its retry.
+        var sourceSuspended = false
+        /// A retry is armed on `retryTimer` and has not run yet.
+        var retryScheduled = false
+        /// The one-shot timer of retries (made on the first failure), on the reader's queue.
+        var retryTimer: (any DispatchSourceTimer)?
     }
 
     /// Reusable buffers, touched only on the reader's queue.
@@ -43,6 +64,9 @@ final class EventReader: Sendable {
     struct Buffers {
         var bytes: UnsafeMutableRawBufferPointer
         var batch: [Result<FaultEvent, UserfaultError>]
+        /// Failed reads in a row (0 after a successful one), and the errno of the last one reported.
+        var failures = 0
+        var reportedErrno: Int32 = 0
     }
 
     init(lease: DescriptorLease, features: UserfaultFeatures, pageSize: Int) {
@@ -81,18 +105,20 @@ final class EventReader: Sendable {
             }
             guard lease.acquire() else { return UserfaultError(.closed, operation: .readEvents) }
             state.sink = sink
-            let (seconds, attoseconds) = pollingWindow.components
-            state.pollingWindowNanoseconds = UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+            state.pollingWindowNanoseconds = pollingWindow.saturatingNanoseconds
             let source = DispatchSource.makeReadSource(fileDescriptor: lease.descriptor, queue: executor.queue)
             source.setEventHandler { [weak self] in self?.drain() }
             source.setCancelHandler { [weak self, lease] in
                 sink.finish(nil)
                 lease.release()
                 // Drop the sink: a resolver holds its userfaultfd, which holds this reader.
-                self?.state.withLock { state in
+                let timer = self?.state.withLock { state -> (any DispatchSourceTimer)? in
                     state.sink = nil
                     state.source = nil
+                    defer { state.retryTimer = nil }
+                    return state.retryTimer
                 }
+                timer?.cancel()
             }
             state.source = source
             source.resume()
@@ -103,11 +129,15 @@ final class EventReader: Sendable {
 
     /// Stops reading; the sink's ``FaultEventSink/finish(_:)`` runs on the queue once the source is cancelled.
     func cancel() {
-        let source = state.withLock { state -> (any DispatchSourceRead)? in
+        let (source, suspended, timer) = state.withLock { state in
             state.cancelled = true
-            return state.source
+            defer { state.sourceSuspended = false }
+            return (state.source, state.sourceSuspended, state.retryTimer)
         }
+        timer?.cancel()
         source?.cancel()
+        // A suspended source runs its cancel handler (which ends the sink) only once resumed.
+        if suspended { source?.resume() }
     }
 
     /// Reads every message queued right now and hands it to the sink, synchronously. Must run on the reader's queue
@@ -136,10 +166,13 @@ final class EventReader: Sendable {
                         if window > 0, pollUntil > 0, waitReadable(until: pollUntil) { continue }
                         return
                     }
-                    fail(sink, UserfaultError(operation: .readEvents, errno: error))
+                    // Closing: the source's cancel handler ends the sink. Otherwise the message is still queued.
+                    if lease.isClosed { return }
+                    retryLater(after: error, sink: sink, buffers: &buffers)
                     return
                 }
                 if count == 0 { return }
+                buffers.failures = 0
                 let messages = count / FaultMessage.size
                 buffers.batch.removeAll(keepingCapacity: true)
                 for index in 0..<messages {
@@ -156,7 +189,7 @@ final class EventReader: Sendable {
                     guard window > 0, !executor.hasQueuedWork else { return }
                     let now = monotonicNanoseconds()
                     guard now < pollBudgetEnd else { return }
-                    pollUntil = min(now &+ window, pollBudgetEnd)
+                    pollUntil = window > pollBudgetEnd - now ? pollBudgetEnd : now + window
                 }
             }
         }
@@ -194,16 +227,58 @@ final class EventReader: Sendable {
         }
     }
 
-    private func fail(_ sink: any FaultEventSink, _ error: UserfaultError) {
+    /// A read failed with `error` (see the type's documentation): reports it when it starts a run of failures or
+    /// changes, suspends the source, and arms the retry timer. On the queue.
+    private func retryLater(after error: Int32, sink: any FaultEventSink, buffers: inout Buffers) {
+        let delay = Self.retryDelay(afterFailures: buffers.failures)
+        if buffers.failures == 0 || error != buffers.reportedErrno {
+            buffers.reportedErrno = error
+            buffers.batch.removeAll(keepingCapacity: true)
+            buffers.batch.append(.failure(UserfaultError(
+                operation: .readEvents, errno: error,
+                detail: "reading the userfaultfd failed; the message stays queued, reading again in \(delay) (and backing off)")))
+            sink.receive(&buffers.batch)
+        }
+        buffers.failures += 1
+        state.withLock { state in
+            guard !state.cancelled, let source = state.source else { return }
+            if !state.sourceSuspended {
+                source.suspend()
+                state.sourceSuspended = true
+            }
+            let timer: any DispatchSourceTimer
+            if let existing = state.retryTimer {
+                timer = existing
+            } else {
+                timer = DispatchSource.makeTimerSource(queue: executor.queue)
+                timer.setEventHandler { [weak self] in self?.retryRead() }
+                state.retryTimer = timer
+                timer.schedule(deadline: .now() + delay.timeInterval)
+                timer.resume()
+                state.retryScheduled = true
+                return
+            }
+            timer.schedule(deadline: .now() + delay.timeInterval)
+            state.retryScheduled = true
+        }
+    }
+
+    /// The retry timer fired: read again; unless that failed too (and armed the timer again), resume the source.
+    private func retryRead() {
+        state.withLock { $0.retryScheduled = false }
+        drain()
         let source = state.withLock { state -> (any DispatchSourceRead)? in
-            let source = state.source
-            state.source = nil
-            state.cancelled = true
+            guard !state.retryScheduled, state.sourceSuspended, !state.cancelled, let source = state.source else { return nil }
+            state.sourceSuspended = false
             return source
         }
-        sink.finish(error)
-        // The cancel handler then calls finish(nil), which sinks ignore once finished.
-        source?.cancel()
+        source?.resume()
+    }
+
+    /// The wait after `failures` failed reads in a row: 1 ms, doubling, at most ``longestRetryDelay``.
+    static func retryDelay(afterFailures failures: Int) -> Duration {
+        let doublings = min(failures, 10)
+        return min(firstRetryDelay * (1 << doublings), longestRetryDelay)
     }
 }
 

@@ -15,9 +15,15 @@ extension UserfaultFD {
     /// - One consumer at a time: a second iterator that calls `next()` while the first is active throws
     ///   ``UserfaultError/Code/concurrentIteration``.
     /// - Iteration ends (returns `nil`) when the userfaultfd is closed, and when the consuming task is cancelled; a later
-    ///   iteration picks up where it stopped.
+    ///   iteration picks up where it stopped. That holds for an iteration started after ``UserfaultFD/close()`` too:
+    ///   it gets the events read before the close that nobody consumed, then ends — it does not throw
+    ///   ``UserfaultError/Code/closed``.
     /// - A message that cannot be decoded is thrown as a ``UserfaultError`` (``UserfaultError/Code/unknownEvent(_:)``,
     ///   ``UserfaultError/Code/malformedMessage``); iterating again continues with the next message.
+    /// - A `read(2)` that fails (`EMFILE`/`ENFILE` while the kernel installs a forked child's userfaultfd, `ENOMEM`) is
+    ///   thrown as a ``UserfaultError`` of operation ``UserfaultError/Operation/readEvents`` with its errno, once per run
+    ///   of failures; the message stays queued and the reader tries again, backing off from 1 ms to 1 s, so iterating
+    ///   again gets it once the read succeeds.
     ///
     /// The loop's task must be able to run while faulting threads are blocked: on a machine with few cores, run it with a
     /// task executor preference for ``eventExecutor`` (or on a thread that never touches registered memory).
@@ -28,6 +34,7 @@ extension UserfaultFD {
     public var eventExecutor: QueueExecutor { reader.executor }
 
     /// The channel behind ``events``, created on first use and attached to the reader for the userfaultfd's life.
+    /// Once the userfaultfd is closed the channel is finished: it still hands out what was read before, then ends.
     func eventChannel() throws(UserfaultError) -> EventChannel {
         let channel = channelStorage.withLock { storage -> EventChannel in
             if let channel = storage { return channel }
@@ -35,7 +42,13 @@ extension UserfaultFD {
             storage = channel
             return channel
         }
-        try reader.attach(channel)
+        do {
+            try reader.attach(channel)
+        } catch where error.code == .closed {
+            // The reader's cancel handler finishes an attached channel; one never attached is finished here. (Finishing
+            // twice does nothing.)
+            channel.finish(nil)
+        }
         return channel
     }
 }

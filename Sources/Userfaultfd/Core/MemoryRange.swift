@@ -57,12 +57,23 @@ public struct MemoryRange: Sendable, Hashable, CustomStringConvertible {
         return start & mask == 0 && UInt(bitPattern: length) & mask == 0
     }
 
-    /// The smallest page-aligned range that covers this one.
+    /// The smallest page-aligned range that covers this one. Saturates instead of trapping: its end stops at `UInt.max`
+    /// for a range whose last page reaches the end of the address space, its length at the largest multiple of the
+    /// page below `Int.max`, and a range that is not ``isWithinAddressSpace`` expands to an empty range at its start's
+    /// page. (Check ``contains(_:)`` on the result when the input is not trusted.)
     public func expandedToPages(of pageSize: Int) -> MemoryRange {
         let mask = UInt(pageSize - 1)
         let lower = start & ~mask
-        let upper = (end &+ mask) & ~mask
-        return MemoryRange(start: lower, end: upper)
+        guard isWithinAddressSpace else { return MemoryRange(start: lower, length: 0) }
+        let (rounded, overflow) = end.addingReportingOverflow(mask)
+        let upper = overflow ? UInt.max : rounded & ~mask
+        let span = upper - lower
+        return MemoryRange(start: lower, length: span > UInt(Int.max) ? Int.max & ~Int(mask) : Int(span))
+    }
+
+    /// Whether the length is not negative and `start + length` does not run past the end of the address space.
+    public var isWithinAddressSpace: Bool {
+        length >= 0 && !start.addingReportingOverflow(UInt(bitPattern: length)).overflow
     }
 
     /// The start address as a raw pointer (nil for address 0).
@@ -71,6 +82,23 @@ public struct MemoryRange: Sendable, Hashable, CustomStringConvertible {
     public var description: String {
         "0x\(String(start, radix: 16))..<0x\(String(end, radix: 16)) (\(length) bytes)"
     }
+}
+
+/// `length` rounded up to whole pages of `pageSize` (a power of two), with overflow-checked arithmetic: a length that
+/// is not positive, or whose rounding does not fit an `Int`, is a ``UserfaultError/Code/invalidArgument`` for
+/// `operation` (`what` names the thing being sized, for the message).
+func wholePages(
+    _ length: Int, pageSize: Int = systemPageSize, operation: UserfaultError.Operation, of what: String
+) throws(UserfaultError) -> Int {
+    guard length > 0 else {
+        throw UserfaultError(.invalidArgument, operation: operation, detail: "\(what) needs a positive length, got \(length)")
+    }
+    let (sum, overflow) = length.addingReportingOverflow(pageSize - 1)
+    guard !overflow else {
+        throw UserfaultError(.invalidArgument, operation: operation,
+                             detail: "\(what): \(length) bytes do not round up to whole \(pageSize)-byte pages within Int.max")
+    }
+    return sum & ~(pageSize - 1)
 }
 
 /// The system's base page size in bytes (`sysconf(_SC_PAGESIZE)`).

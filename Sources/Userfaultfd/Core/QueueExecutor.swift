@@ -63,9 +63,20 @@ public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Senda
 }
 
 extension Duration {
-    /// As a Dispatch time interval.
-    var timeInterval: DispatchTimeInterval {
+    /// In nanoseconds, saturated: 0 for a negative duration, `UInt64.max` beyond what fits.
+    var saturatingNanoseconds: UInt64 {
         let (seconds, attoseconds) = components
-        return .nanoseconds(Int(min(seconds, Int64(Int.max / 1_000_000_000))) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))
+        guard seconds >= 0, attoseconds >= 0 || seconds > 0 else { return 0 }
+        let (whole, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return .max }
+        let (sum, carry) = whole.addingReportingOverflow(UInt64(max(0, attoseconds) / 1_000_000_000))
+        return carry ? .max : sum
+    }
+
+    /// As a Dispatch time interval, saturated: `.never` beyond what nanoseconds in an `Int` hold (about 292 years),
+    /// zero for a negative duration.
+    var timeInterval: DispatchTimeInterval {
+        let nanoseconds = saturatingNanoseconds
+        return nanoseconds > UInt64(Int.max) ? .never : .nanoseconds(Int(nanoseconds))
     }
 }

@@ -5,6 +5,12 @@ import Synchronization
 /// A shared-memory file (`memfd_create(2)`) with a private view of its own: the bytes other mappings of the file show,
 /// filled without a page fault in any of them.
 ///
+/// The view is registered ``RegistrationMode/missing`` with a userfaultfd of its own, and pages go into the page cache
+/// only through `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` on it: the kernel adds a page only where the file has none (no page,
+/// and no swapped-out one), atomically, and answers `EEXIST` otherwise, so a fill never overwrites what another
+/// mapping wrote, even while it runs. (Deciding with `mincore(2)` and then copying was racy, and took swapped-out pages
+/// for absent ones.) Creating one therefore needs a userfaultfd with ``UserfaultFeatures/missingShmem``.
+///
 /// A ``LazyRegion`` with ``LazyRegion/Backing/sharedMemory`` keeps its pages here: a fault is resolved by writing the page into the file's page cache through
 /// the unregistered view, then mapping that very page into the faulting mapping with `UFFDIO_CONTINUE`. Any other
 /// mapping of ``fileDescriptor`` — in this process, another process, a VMM — sees the same page.
@@ -16,13 +22,15 @@ public final class SharedMemoryFile: @unchecked Sendable {
     /// The file's size in bytes (whole pages).
     public let length: Int
     private let view: UInt
+    /// The view's userfaultfd: fills are copies through it. Its events are never read; nothing touches the view.
+    private let filler: UserfaultFD
 
     /// Creates a memfd of `length` bytes (rounded up to whole pages) and maps a view of it.
+    /// - Throws: ``UserfaultError/Code/invalidArgument`` when `length` is not positive or does not round up to whole
+    ///   pages within `Int.max`; the errno's code when the memfd cannot be made, sized or mapped; the userfaultfd's
+    ///   errors (``UserfaultError/Code/unsupportedFeatures(_:)`` without MISSING on shmem) for the view's registration.
     public init(length: Int, name: String = "swift-userfaultfd") throws(UserfaultError) {
-        guard length > 0 else {
-            throw UserfaultError(.invalidArgument, operation: .mapSharedMemory, detail: "the length must be positive, got \(length)")
-        }
-        let rounded = (length + systemPageSize - 1) & ~(systemPageSize - 1)
+        let rounded = try wholePages(length, operation: .mapSharedMemory, of: "a shared memory file")
         let descriptor = cuffd_memfd_create(name)
         guard descriptor >= 0 else {
             throw UserfaultError(operation: .mapSharedMemory, errno: Glibc.errno, detail: "memfd_create failed")
@@ -39,12 +47,23 @@ public final class SharedMemoryFile: @unchecked Sendable {
             _ = Glibc.close(descriptor)
             throw error
         }
+        let filler: UserfaultFD
+        do {
+            filler = try UserfaultFD(requiredFeatures: [.missingShmem])
+            try filler.register(MemoryRange(start: view, length: rounded), mode: .missing)
+        } catch {
+            munmap(UnsafeMutableRawPointer(bitPattern: view), rounded)
+            _ = Glibc.close(descriptor)
+            throw error
+        }
         self.fileDescriptor = descriptor
         self.length = rounded
         self.view = view
+        self.filler = filler
     }
 
     deinit {
+        filler.close()
         munmap(UnsafeMutableRawPointer(bitPattern: view), length)
         _ = Glibc.close(fileDescriptor)
     }
@@ -63,28 +82,34 @@ public final class SharedMemoryFile: @unchecked Sendable {
         SharedMapping(address: try Self.mapShared(descriptor: fileDescriptor, length: length), length: length)
     }
 
-    /// Which of the pages `offset ..< offset + count` (page-aligned) are in the page cache (`mincore(2)` on the view).
-    func residentPages(offset: Int, count: Int) -> [Bool] {
-        let pages = count / systemPageSize
-        var vector = [UInt8](repeating: 0, count: pages)
-        guard mincore(UnsafeMutableRawPointer(bitPattern: view + UInt(offset)), count, &vector) == 0 else {
-            return [Bool](repeating: false, count: pages)
-        }
-        return vector.map { $0 & 1 != 0 }
-    }
-
-    /// Writes `count` bytes from `source` into the page cache at `offset` (page-aligned), skipping pages already
-    /// there: a page another mapping filled (or wrote) is never overwritten with the provider's copy. `source == nil`
-    /// writes zeros.
+    /// Puts `count` bytes from `source` into the page cache at `offset` (page-aligned), skipping pages already there:
+    /// a page another mapping filled or wrote — before or during the call — or that is swapped out is never
+    /// overwritten with the provider's copy. `source == nil` writes zeros.
+    ///
+    /// Each page is added by the kernel with `UFFDIO_COPY` (`UFFDIO_ZEROPAGE`) through the registered view, only where
+    /// the file has no page; `EEXIST` (or a copy that stopped at such a page) skips it. A page the kernel refuses for any
+    /// other reason (no memory) is left out: `UFFDIO_CONTINUE` on it then fails with
+    /// ``UserfaultError/Code/badAddress``, which the caller reports.
     func fill(offset: Int, count: Int, from source: UnsafeRawPointer?) {
-        let resident = residentPages(offset: offset, count: count)
-        for (index, present) in resident.enumerated() where !present {
-            let pageOffset = index * systemPageSize
-            let destination = UnsafeMutableRawPointer(bitPattern: view + UInt(offset + pageOffset))!
-            if let source {
-                destination.copyMemory(from: source + pageOffset, byteCount: systemPageSize)
-            } else {
-                destination.initializeMemory(as: UInt8.self, repeating: 0, count: systemPageSize)
+        var done = 0
+        while done < count {
+            let range = MemoryRange(start: view + UInt(offset + done), length: count - done)
+            do throws(UserfaultError) {
+                if let source {
+                    try filler.copy(from: source + done, to: range.start, length: range.length, mode: .dontWake)
+                } else {
+                    try filler.zeroPage(range, wake: false)
+                }
+                return
+            } catch {
+                switch error.code {
+                case .tryAgain(let completed) where completed > 0:
+                    done += completed  // stopped at a page that is there: the next attempt skips it
+                case .pageExists:
+                    done += systemPageSize
+                default:
+                    return
+                }
             }
         }
     }

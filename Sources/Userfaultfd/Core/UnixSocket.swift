@@ -117,14 +117,25 @@ public final class UnixSocketConnection: Sendable {
         return ProcessExitWatch(pidfd: pidfd, processID: peerProcessID)
     }
 
-    /// Sends `payload` and `descriptors` (at most 16) in one `sendmsg`.
-    public func send(_ payload: [UInt8], descriptors: [Int32] = []) throws(DescriptorPassingError) {
+    /// Sends `payload` and `descriptors` (at most 16) in one `sendmsg` (more calls for the rest of a payload the
+    /// socket took only part of).
+    ///
+    /// A stream message of zero bytes carries no descriptors on Linux (the kernel drops them), so descriptors with an
+    /// empty payload go with one zero byte: the peer receives a one-byte payload `[0]`.
+    /// ``UserfaultFD/receive(from:enabledFeatures:maximumPayload:timeout:)`` reads that as the empty payload.
+    ///
+    /// The socket is non-blocking: while the peer's buffer is full, the call waits (`poll(2)`, blocking the calling
+    /// thread) up to `timeout` for room, then throws ``DescriptorPassingError/Code/timedOut`` (part of the payload may
+    /// have been sent by then).
+    public func send(_ payload: [UInt8], descriptors: [Int32] = [], timeout: Duration = .seconds(5)) throws(DescriptorPassingError) {
         guard descriptors.count <= Int(CUFFD_MAX_PASSED_FDS) else {
             throw DescriptorPassingError(.tooManyDescriptors(descriptors.count), operation: "sendmsg",
                                          detail: "at most \(CUFFD_MAX_PASSED_FDS) descriptors per message")
         }
         guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "sendmsg", detail: "the socket is closed") }
         defer { lease.release() }
+        let payload = payload.isEmpty && !descriptors.isEmpty ? [0] : payload
+        let deadline = monotonicNanoseconds() &+ timeout.saturatingNanoseconds
         var sentTotal = 0
         var first = true
         while sentTotal < payload.count || first {
@@ -135,15 +146,31 @@ public final class UnixSocketConnection: Sendable {
                 }
             }
             if sent < 0 {
-                if Glibc.errno == EAGAIN {
-                    // The peer's buffer is full: wait briefly (messages here are small).
-                    usleep(1000)
-                    continue
-                }
-                throw .system("sendmsg")
+                let error = Glibc.errno
+                if error == EINTR { continue }
+                guard error == EAGAIN else { throw .system("sendmsg") }
+                // The peer's buffer is full: wait for room, not longer than the deadline.
+                try waitWritable(until: deadline, timeout: timeout)
+                continue
             }
             sentTotal += sent
             first = false
+        }
+    }
+
+    /// Waits until the socket is writable or `deadline` (monotonic nanoseconds) passes (``DescriptorPassingError/Code/timedOut``).
+    private func waitWritable(until deadline: UInt64, timeout: Duration) throws(DescriptorPassingError) {
+        var descriptor = pollfd(fd: lease.descriptor, events: Int16(POLLOUT), revents: 0)
+        while true {
+            let now = monotonicNanoseconds()
+            guard now < deadline else {
+                throw DescriptorPassingError(.timedOut, operation: "sendmsg",
+                                             detail: "the peer's receive buffer stayed full for \(timeout)")
+            }
+            let milliseconds = Int32(clamping: (deadline - now + 999_999) / 1_000_000)
+            let ready = poll(&descriptor, 1, milliseconds)
+            if ready > 0 { return }
+            if ready < 0 && Glibc.errno != EINTR { throw .system("poll") }
         }
     }
 

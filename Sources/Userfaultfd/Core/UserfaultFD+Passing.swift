@@ -3,12 +3,22 @@ extension UserfaultFD {
     ///
     /// The peer receives its own descriptor for the same userfaultfd; this one stays open. A process that hands its
     /// faults to another keeps its copy so the userfaultfd outlives a crashed handler only as long as it wants to.
-    public func send(over connection: UnixSocketConnection, payload: [UInt8] = []) throws(DescriptorPassingError) {
+    ///
+    /// An empty payload goes as one zero byte (a zero-length stream message would lose the descriptor), which
+    /// ``receive(from:enabledFeatures:maximumPayload:timeout:)`` gives back as the empty payload; a peer reading the
+    /// socket itself sees that byte.
+    ///
+    /// - Parameter timeout: how long to wait for room while the peer's receive buffer is full.
+    /// - Throws: ``DescriptorPassingError/Code/timedOut`` when the peer's buffer stays full that long,
+    ///   ``DescriptorPassingError/Code/cancelled`` when this userfaultfd or the connection is closed.
+    public func send(
+        over connection: UnixSocketConnection, payload: [UInt8] = [], timeout: Duration = .seconds(5)
+    ) throws(DescriptorPassingError) {
         guard lease.acquire() else {
             throw DescriptorPassingError(.cancelled, operation: "sendmsg", detail: "the userfaultfd is closed")
         }
         defer { lease.release() }
-        try connection.send(payload, descriptors: [lease.descriptor])
+        try connection.send(payload, descriptors: [lease.descriptor], timeout: timeout)
     }
 
     /// Receives one message that must carry exactly one userfaultfd, and adopts it.
@@ -17,7 +27,8 @@ extension UserfaultFD {
     ///   - enabledFeatures: what the sender enabled in its handshake (it decides how messages are decoded).
     ///   - maximumPayload: the largest payload accepted.
     ///   - timeout: how long to wait for the message.
-    /// - Returns: the adopted userfaultfd and the payload that came with it.
+    /// - Returns: the adopted userfaultfd and the payload that came with it (empty for the single zero byte that
+    ///   ``send(over:payload:timeout:)`` sends for an empty payload).
     /// - Throws: ``DescriptorPassingError`` with ``DescriptorPassingError/Code/noDescriptor``,
     ///   ``DescriptorPassingError/Code/tooManyDescriptors(_:)`` (all of them are closed),
     ///   ``DescriptorPassingError/Code/payloadTruncated``, ``DescriptorPassingError/Code/connectionClosed``; or
@@ -39,7 +50,8 @@ extension UserfaultFD {
                 operation: "recvmsg", detail: "expected one userfaultfd with the \(message.payload.count)-byte payload")
         }
         do {
-            return (try UserfaultFD(adopting: descriptor, enabledFeatures: enabledFeatures), message.payload)
+            let payload = message.payload == [0] ? [] : message.payload
+            return (try UserfaultFD(adopting: descriptor, enabledFeatures: enabledFeatures), payload)
         } catch {
             message.closeDescriptors()
             throw error

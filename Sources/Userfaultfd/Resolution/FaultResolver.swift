@@ -10,7 +10,7 @@ import Synchronization
 ///
 /// ```swift
 /// let resolver = FaultResolver(uffd: uffd)
-/// await resolver.serve(range, provider: provider)
+/// try await resolver.serve(range, provider: provider)
 /// for try await event in uffd.events {
 ///     try await resolver.handle(event)
 /// }
@@ -101,7 +101,9 @@ public actor FaultResolver {
     nonisolated let executor: QueueExecutor
     nonisolated let counters = Mutex(ResolverStatistics())
     private nonisolated let errorChannel = AsyncStream<RegionError>.makeStream(bufferingPolicy: .bufferingNewest(256))
-    private nonisolated let forkChannel = AsyncStream<UserfaultFD>.makeStream()
+    private nonisolated let forkChannel = ForkedChildQueue(limit: FaultResolver.forkedChildrenLimit)
+    /// Children ``forkedChildren`` keeps at most for a consumer; beyond that the oldest is closed.
+    public static let forkedChildrenLimit = 64
 
     public nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
 
@@ -222,6 +224,11 @@ public actor FaultResolver {
 
     /// The userfaultfds of forked children (with ``UserfaultFeatures/eventFork``). Their faults are not served by this
     /// resolver; serve or close each one.
+    ///
+    /// Each fork installs a descriptor in this process, so while nobody iterates at most ``forkedChildrenLimit``
+    /// children are kept: beyond that the oldest is closed (its child's faults then fall back to ordinary memory) and
+    /// counted in ``ResolverStatistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
+    /// userfaultfd closed) are closed, and the stream ends. Each child goes to one iterator.
     public nonisolated var forkedChildren: AsyncStream<UserfaultFD> { forkChannel.stream }
 
     /// Stops calling providers: faults pending now and later are resolved at once with ``Options/cancellation``,
@@ -237,9 +244,14 @@ public actor FaultResolver {
     }
 
     /// Resolves `range` ahead of access, without blocking a thread. Returns when every page in it is present (or throws
-    /// the provider's ``RegionError`` once the failure policy gave up on a page).
+    /// the provider's ``RegionError`` once the failure policy gave up on a page). A range with a negative length, or
+    /// whose pages run past the end of the address space, throws ``UserfaultError/Code/invalidArgument``.
     public func prefetch(_ range: MemoryRange) async throws {
         let wanted = range.expandedToPages(of: pageSize)
+        guard range.isWithinAddressSpace, wanted.isAligned(to: pageSize), wanted.contains(range) else {
+            throw UserfaultError(.invalidArgument, operation: .register, range: nil,
+                                 detail: "prefetch range from 0x\(String(range.start, radix: 16)), \(range.length) bytes, runs past the end of the address space")
+        }
         // Fetches are recycled when they finish: remember each one's id to know it is still the same fetch.
         var awaited: [(id: Int, fetch: Fetch)] = []
         for segment in segments {
@@ -331,7 +343,8 @@ public actor FaultResolver {
             if options.serveForkedChildren {
                 serveChild(child)
             } else {
-                forkChannel.continuation.yield(child)
+                let dropped = forkChannel.offer(child)
+                if dropped > 0 { counters.withLock { $0.forkedChildrenDropped += dropped } }
             }
         }
     }
@@ -543,7 +556,7 @@ public actor FaultResolver {
         for child in childResolvers { child.resolver.uffd.close() }
         childResolvers.removeAll()
         errorChannel.continuation.finish()
-        forkChannel.continuation.finish()
+        forkChannel.finish()
     }
 }
 

@@ -98,7 +98,7 @@ public final class LazyRegion: Sendable {
         }
         let file = backing == .sharedMemory ? try existingFile ?? SharedMemoryFile(length: length, name: "LazyRegion") : nil
         if let file {
-            let mappedLength = existingFile == nil ? file.length : (length + systemPageSize - 1) & ~(systemPageSize - 1)
+            let mappedLength = existingFile == nil ? file.length : try wholePages(length, operation: .register, of: "a LazyRegion")
             mapping = RegionMapping(owning: MemoryRange(
                 start: try SharedMemoryFile.mapShared(descriptor: file.fileDescriptor, length: mappedLength), length: mappedLength))
         } else {
@@ -205,8 +205,13 @@ public final class LazyRegion: Sendable {
     }
 
     /// Resolves the bytes in `range` (offsets into the region) ahead of access, without blocking a thread.
+    /// - Throws: ``UserfaultError/Code/invalidArgument`` for a range outside `0 ..< count` rounded up to whole pages;
+    ///   the provider's ``RegionError`` as ``FaultResolver/prefetch(_:)`` does.
     public func prefetch(_ range: Range<Int>) async throws {
-        precondition(range.lowerBound >= 0 && range.upperBound <= originalRange.length, "prefetch range outside the region")
+        guard range.lowerBound >= 0 && range.upperBound <= originalRange.length else {
+            throw UserfaultError(.invalidArgument, operation: .register,
+                                 detail: "prefetch of \(range) outside the region's \(originalRange.length) bytes")
+        }
         guard !range.isEmpty else { return }
         try await resolver.prefetch(MemoryRange(start: UInt(bitPattern: baseAddress) + UInt(range.lowerBound), length: range.count))
     }

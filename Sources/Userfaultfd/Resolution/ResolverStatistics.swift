@@ -33,6 +33,8 @@ public struct ResolverStatistics: Sendable, Hashable, CustomStringConvertible {
     public var forkedChildrenServed = 0
     /// Of those, children whose process has exited and whose resolver was let go (checked about once a second).
     public var forkedChildrenExited = 0
+    /// Forked children's userfaultfds closed unconsumed: ``FaultResolver/forkedChildren`` kept its limit already.
+    public var forkedChildrenDropped = 0
     /// Fault-to-wake latency: from reading the fault message to the ioctl that woke the thread.
     public var latency = LatencyHistogram()
 

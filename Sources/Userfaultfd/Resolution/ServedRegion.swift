@@ -32,15 +32,21 @@ final class ServedRegion {
 
     init(id: Int, length: Int, provider: any PageProvider, providerOffset: Int, pageSize: Int, readahead: ReadaheadPolicy,
          sharedFile: SharedMemoryFile? = nil, zeroByCopy: Bool = false) throws(UserfaultError) {
+        // Provider offsets are computed as providerOffset + page * pageSize on the fault path: they must all fit.
+        guard providerOffset >= 0, !providerOffset.addingReportingOverflow(length).overflow else {
+            throw UserfaultError(.invalidArgument, operation: .register,
+                                 detail: "provider offset \(providerOffset) with \(length) bytes does not fit 0 ... Int.max")
+        }
         self.id = id
         self.provider = provider
         self.providerOffset = providerOffset
         self.pageSize = pageSize
         self.pageCount = length / pageSize
         if let size = provider.size {
-            let bytes = max(0, size - providerOffset)
+            // A size below the offset (or negative) is no data; rounding up is done without adding (size may be Int.max).
+            let bytes = size > providerOffset ? size - providerOffset : 0
             dataBytes = bytes
-            dataPages = min(pageCount, (bytes + pageSize - 1) / pageSize)
+            dataPages = min(pageCount, bytes / pageSize + (bytes % pageSize == 0 ? 0 : 1))
         } else {
             dataBytes = nil
             dataPages = pageCount

@@ -53,6 +53,11 @@ int cuffd_test_gettid(void);
 /// that nothing the reader needs depends on.
 pid_t cuffd_test_fork_toucher(const volatile void *addr, unsigned char expected, unsigned int alarm_seconds);
 
+/// Forks with a raw clone(SIGCHLD) whose child exits at once with status 0, running nothing but the exit system call
+/// (no sanitizer runtime, no interceptor: safe under ThreadSanitizer, whatever the other threads held). Returns the
+/// child's pid, or -1 with errno set. With UFFD_FEATURE_EVENT_FORK it returns once the FORK event has been read.
+pid_t cuffd_test_fork_exiting(void);
+
 /// In a forked child: unblocks SIGALRM and restores its default action, so that alarm() ends the child (the mask is
 /// inherited from the forking thread, which may block it). Async-signal-safe.
 void cuffd_test_unblock_alarm(void);

@@ -87,6 +87,33 @@ struct RegionEventTests {
         #expect(outcome.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == expected, "stderr: \(outcome.stderr)")
     }
 
+    /// A FORK event first read while the process is out of descriptors (`read(2)` fails with EMFILE: the kernel cannot
+    /// install the child's userfaultfd, and leaves the event queued): the reader reports the error and keeps trying, so
+    /// once the limit is raised the event is read, the fork returns and the child is served. In a child process
+    /// (`uffd-forked-region --emfile`): it lowers RLIMIT_NOFILE, which must never happen in the test runner.
+    @Test(.timeLimit(.minutes(1)))
+    func forkEventReadFailingWithEMFILEIsRetried() async throws {
+        let outcome = try await ChildProcess.run(ChildProcess.builtExecutable("uffd-forked-region"), ["--emfile"],
+                                                 timeout: .seconds(40))
+        #expect(!outcome.timedOut)
+        #expect(outcome.status == 0, "uffd-forked-region failed: \(outcome.stderr)")
+        #expect(outcome.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                == "OK emfile reported=EMFILE childStatus=0 forkedChildrenServed=1", "stderr: \(outcome.stderr)")
+    }
+
+    /// A resolver whose `forkedChildren` nobody consumes, forked 300 times: the userfaultfds it keeps for a later
+    /// consumer stay bounded (the oldest are closed), and closing the resolver's userfaultfd closes those it kept. In a
+    /// child process (`uffd-forked-region --unconsumed-forks`), where the only forks are its own and /proc/self/fd
+    /// counts only its descriptors.
+    @Test(.timeLimit(.minutes(1)))
+    func unconsumedForkedChildrenKeepBoundedDescriptors() async throws {
+        let outcome = try await ChildProcess.run(ChildProcess.builtExecutable("uffd-forked-region"), ["--unconsumed-forks"],
+                                                 timeout: .seconds(50))
+        #expect(!outcome.timedOut)
+        #expect(outcome.status == 0, "uffd-forked-region failed: \(outcome.stderr)")
+        #expect(outcome.stdout.hasPrefix("OK unconsumed forks=300"), "stderr: \(outcome.stderr)")
+    }
+
     /// MINOR over a memfd: content is right; a second mapping of the memfd sees the page without another provider
     /// read; a page filled through another mapping is mapped with a MINOR fault, no provider read.
     @Test(.timeLimit(.minutes(1)))
