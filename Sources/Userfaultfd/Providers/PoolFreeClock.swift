@@ -52,7 +52,7 @@ public struct PoolFreeClock: Clock, Sendable {
     /// Runs `body` on the timer queue after `delay` (at once if it is not positive). `body` must be short: every timer
     /// of the library shares the queue.
     static func schedule(after delay: Duration, _ body: @escaping @Sendable () -> Void) {
-        queue.asyncAfter(deadline: .now() + delay.dispatchInterval, execute: body)
+        queue.asyncAfter(deadline: .now() + delay.timeInterval, execute: body)
     }
 
     /// One sleep: whichever comes first, the timer or the cancellation, resumes the continuation; the other does nothing.
@@ -85,16 +85,5 @@ public struct PoolFreeClock: Clock, Sendable {
             guard let continuation else { return }
             if let error { continuation.resume(throwing: error) } else { continuation.resume() }
         }
-    }
-}
-
-extension Duration {
-    /// The duration as a Dispatch interval (nanoseconds; negative durations are zero, huge ones saturate).
-    var dispatchInterval: DispatchTimeInterval {
-        let (seconds, attoseconds) = components
-        guard seconds >= 0 else { return .nanoseconds(0) }
-        let limit = Int64(Int.max / 1_000_000_000) - 1
-        guard seconds < limit else { return .never }
-        return .nanoseconds(Int(seconds * 1_000_000_000 + attoseconds / 1_000_000_000))
     }
 }

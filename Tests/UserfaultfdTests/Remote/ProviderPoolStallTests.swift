@@ -1,6 +1,7 @@
 import CUserfaultfdTestSupport
 import Foundation
 import Glibc
+import Synchronization
 import Testing
 import Userfaultfd
 
@@ -22,7 +23,7 @@ struct ProviderPoolStallTests {
     /// rounds of 16 faults then took up to 0.57 s: the round is printed, the bound is per fault).
     static let bound = Duration.milliseconds(500)
 
-    @Test("16 pool tasks faulting a FileProvider, an HTTPRangeProvider (also one retrying every read) and a provider sleeping on PoolFreeClock: every round well under a second",
+    @Test("16 pool tasks faulting a FileProvider, an HTTPRangeProvider (also one retrying every read), a provider sleeping on PoolFreeClock and one whose reads the resolver retries: every round well under a second",
           .timeLimit(.minutes(2)))
     func noStallWithEveryPoolThreadBlocked() async throws {
         let pageSize = systemPageSize
@@ -47,13 +48,24 @@ struct ProviderPoolStallTests {
                 try await PoolFreeClock().sleep(for: .milliseconds(1))
                 return .bytes(data.withUnsafeBytes { buffer.copy(from: UnsafeRawBufferPointer(rebasing: $0[offset..<offset + buffer.count])) })
             }
+            // Every read fails once and the resolver retries it after its failure policy's backoff: the resolver's
+            // own timer must fire too.
+            let failedOnce = Mutex(Set<Int>())
+            let failingOnce = ClosureProvider(size: size) { buffer, offset in
+                if failedOnce.withLock({ $0.insert(offset).inserted }) { throw POSIXError(.EIO) }
+                return .bytes(data.withUnsafeBytes { buffer.copy(from: UnsafeRawBufferPointer(rebasing: $0[offset..<offset + buffer.count])) })
+            }
             let providers: [(String, any PageProvider)] = [("file", try FileProvider(path: path)), ("http", http), ("clock", sleeping),
-                                                        ("retry", retrying)]
+                                                        ("retry", retrying), ("resolver retry", failingOnce)]
             try await withFaultWatchdog(seconds: 100) { scope in
                 let options = FaultResolver.Options(readahead: ReadaheadPolicy.none, failurePolicy: .zeroFill)
+                let retryingOptions = FaultResolver.Options(
+                    readahead: ReadaheadPolicy.none,
+                    failurePolicy: .retry(attempts: 1, backoff: .milliseconds(2), then: .zeroFill))
                 var regions: [(String, LazyRegion)] = []
                 for (name, provider) in providers {
-                    let region = try await LazyRegion(length: size, provider: provider, options: options)
+                    let region = try await LazyRegion(length: size, provider: provider,
+                                                      options: name == "resolver retry" ? retryingOptions : options)
                     scope.track(region.uffd)
                     regions.append((name, region))
                 }
@@ -83,6 +95,7 @@ struct ProviderPoolStallTests {
                             "\(name): a fault took \(slowest) (round \(elapsed)): its provider waited for libdispatch's worker pool")
                 }
                 #expect(retrying.statistics.retries == pages, "one retry per read: \(retrying.statistics)")
+                #expect(failedOnce.withLock(\.count) == pages, "one failed first attempt per page")
                 for (_, region) in regions { await region.close() }
             }
         }
