@@ -2,9 +2,17 @@
 //
 // swift-userfaultfd: take over your own page faults on Linux, asynchronously.
 //
-// The library has no package dependencies: only the toolchain (Glibc, Dispatch, Foundation, Synchronization)
-// and its own C shim for what Swift cannot import (variadic ioctl/syscall, the _IOWR macros, structs newer than
-// the system's linux/userfaultfd.h).
+// The library has no package dependencies: only the toolchain (Glibc, Dispatch, Synchronization; Foundation only in
+// the HTTP and Firecracker layers) and its own C shim for what Swift cannot import (variadic ioctl/syscall, the _IOWR
+// macros, structs newer than the system's linux/userfaultfd.h).
+//
+// One target per layer, so the compiler holds the layers apart (CONTRIBUTING.md, "Layers"):
+//
+//     CUserfaultfd → Userfaultfd → UserfaultfdHTTP ─┐
+//                        └──────→ UserfaultfdFirecracker → UffdTool → uffd
+//
+// A program that imports only `Userfaultfd` links neither Foundation nor FoundationNetworking nor libcurl (.ci/run
+// checks it). Internals that another target of the package needs (tools, tests, fuzzers) are `package`, not `public`.
 
 import PackageDescription
 
@@ -17,6 +25,8 @@ let package = Package(
     name: "swift-userfaultfd",
     products: [
         .library(name: "Userfaultfd", targets: ["Userfaultfd"]),
+        .library(name: "UserfaultfdHTTP", targets: ["UserfaultfdHTTP"]),
+        .library(name: "UserfaultfdFirecracker", targets: ["UserfaultfdFirecracker"]),
         .executable(name: "uffd", targets: ["uffd"]),
         // The C reference of the benchmarks, shared by `uffd bench` and the Benchmarks/ package.
         .library(name: "CUserfaultfdBaseline", targets: ["CUserfaultfdBaseline"]),
@@ -25,20 +35,33 @@ let package = Package(
         // Layer 0: the C shim. Ioctl numbers, kernel structs and non-variadic wrappers.
         .target(name: "CUserfaultfd"),
 
-        // Layers 1–3: core (UserfaultFD, FaultEvent, events), resolution, providers.
+        // Layers 1–3: core (UserfaultFD, FaultEvent, events), resolution, tracking, the providers that need no
+        // network. No Foundation: Glibc, Dispatch and Synchronization only.
         .target(
             name: "Userfaultfd",
             dependencies: ["CUserfaultfd"],
+            swiftSettings: strictConcurrency
+        ),
+        // Layer 4a: remote providers (HTTP ranges, S3). The only target that imports FoundationNetworking.
+        .target(
+            name: "UserfaultfdHTTP",
+            dependencies: ["Userfaultfd"],
+            swiftSettings: strictConcurrency
+        ),
+        // Layer 4b: the Firecracker page server (Unix socket handshake, guest memory regions).
+        .target(
+            name: "UserfaultfdFirecracker",
+            dependencies: ["Userfaultfd"],
             swiftSettings: strictConcurrency
         ),
 
         // The benchmarks' C reference: userfaultfd(2)'s poll/read/COPY handler (used by `uffd bench` and Benchmarks/).
         .target(name: "CUserfaultfdBaseline"),
 
-        // Layer 4: the command-line tool. Its commands live in a library so tests can drive them.
+        // Layer 5: the command-line tool. Its commands live in a library so tests can drive them.
         .target(
             name: "UffdTool",
-            dependencies: ["Userfaultfd", "CUserfaultfdBaseline"],
+            dependencies: ["Userfaultfd", "UserfaultfdHTTP", "UserfaultfdFirecracker", "CUserfaultfdBaseline"],
             swiftSettings: strictConcurrency
         ),
         .executableTarget(
@@ -65,9 +88,16 @@ let package = Package(
             path: "Tests/ForkedRegion",
             swiftSettings: strictConcurrency
         ),
+        // Imports only the core: `.ci/run` checks with ldd that it links no Foundation, FoundationNetworking or libcurl.
+        .executableTarget(
+            name: "uffd-link-check",
+            dependencies: ["Userfaultfd"],
+            path: "Tests/LinkCheck",
+            swiftSettings: strictConcurrency
+        ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "uffd-fake-vmm",
+            dependencies: ["Userfaultfd", "UserfaultfdHTTP", "UserfaultfdFirecracker", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "uffd-fake-vmm",
                            "uffd-forked-region"],
             swiftSettings: strictConcurrency
         ),

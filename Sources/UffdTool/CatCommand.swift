@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// `uffd cat FILE|URL`: exposes a file, or a remote object (an `http://` or `https://` URL read with range requests),
 /// through a ``LazyRegion`` and writes it to an output descriptor from memory.

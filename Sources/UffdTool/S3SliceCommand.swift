@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// `uffd s3-slice URL --offset N --length N`: a presigned S3 URL (or any URL that serves ranges) exposed as memory; one
 /// slice of it is read from that memory and written out, and the statistics show that only the blocks under the slice

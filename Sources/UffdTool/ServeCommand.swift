@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import Glibc
 import Userfaultfd
+import UserfaultfdFirecracker
 
 /// `uffd serve --socket PATH --memory FILE`: a Firecracker-compatible page server until SIGINT or SIGTERM.
 ///

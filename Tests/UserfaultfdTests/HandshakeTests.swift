@@ -1,7 +1,7 @@
 import CUserfaultfd
 import Glibc
 import Testing
-@testable import Userfaultfd
+import Userfaultfd
 
 /// Creation, the UFFDIO_API handshake and adoption of descriptors.
 @Suite("Handshake and creation")

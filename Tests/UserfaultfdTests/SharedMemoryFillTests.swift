@@ -1,7 +1,7 @@
 import Glibc
 import Synchronization
 import Testing
-@testable import Userfaultfd
+import Userfaultfd
 
 /// `SharedMemoryFile.fill` puts a provider's pages into the file's page cache, and must never overwrite a page that is
 /// already there: written through another mapping (another VM's, or this process's), even while the fill runs.

@@ -4,12 +4,12 @@ import CUserfaultfd
 ///
 /// Layout (include/uapi/linux/userfaultfd.h): `event` u8 at 0; the argument union at 8. PAGEFAULT: flags u64 @8,
 /// address u64 @16, ptid u32 @24. FORK: ufd u32 @8. REMAP: from @8, to @16, len @24. REMOVE/UNMAP: start @8, end @16.
-public enum FaultMessage {
+package enum FaultMessage {
     /// Size of one message in bytes.
-    public static let size = Int(CUFFD_MSG_SIZE)
+    package static let size = Int(CUFFD_MSG_SIZE)
 
     /// Decodes one message, before fork descriptors are adopted.
-    public enum Decoded: Sendable, Hashable {
+    package enum Decoded: Sendable, Hashable {
         case pageFault(PageFault)
         /// The raw descriptor of the child's userfaultfd, already installed in this process.
         case fork(descriptor: Int32)
@@ -25,7 +25,7 @@ public enum FaultMessage {
     ///   - pageSize: the page size used to compute ``PageFault/pageAddress``.
     /// - Throws: ``UserfaultError/Code/malformedMessage`` for a short buffer or an impossible range,
     ///   ``UserfaultError/Code/unknownEvent(_:)`` for an event code this library does not know.
-    public static func decode(
+    package static func decode(
         _ bytes: UnsafeRawBufferPointer,
         features: UserfaultFeatures,
         pageSize: Int = systemPageSize
@@ -77,7 +77,7 @@ public enum FaultMessage {
     }
 
     /// Encodes a message the way the kernel lays it out; for tests and fuzzers that synthesize input.
-    public static func encode(_ message: Decoded, threadID: UInt32 = 0) -> [UInt8] {
+    package static func encode(_ message: Decoded, threadID: UInt32 = 0) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: size)
         func put(_ value: UInt64, at offset: Int) {
             withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<offset + 8, with: $0) }

@@ -7,23 +7,23 @@ import Glibc
 ///
 /// One scan can also re-protect the pages it reports (`PM_SCAN_WP_MATCHING`), page by page under the page-table lock,
 /// so a write racing the scan lands either in this scan's result or in the next one, never in neither.
-public final class PagemapScanner: @unchecked Sendable {
+package final class PagemapScanner: @unchecked Sendable {
     // @unchecked: the descriptor is immutable; every scan uses its own result buffer.
 
     /// The process whose memory is scanned (`nil`: this process, through `/proc/self/pagemap`).
-    public let pid: pid_t?
+    package let pid: pid_t?
     private let descriptor: Int32
     /// `page_region` entries per `PAGEMAP_SCAN` call; a scan with more runs than that continues from `walk_end`.
     let regionCapacity: Int
 
     /// Opens the pagemap of `pid` (or of this process). Another process's needs ptrace access (root, or the same user
     /// with a permissive `ptrace_scope`).
-    public convenience init(pid: pid_t? = nil) throws(UserfaultError) {
+    package convenience init(pid: pid_t? = nil) throws(UserfaultError) {
         try self.init(pid: pid, regionCapacity: 512)
     }
 
     /// The same with a result vector of `regionCapacity` entries (tests use a tiny one to make every scan resume).
-    init(pid: pid_t?, regionCapacity: Int) throws(UserfaultError) {
+    package init(pid: pid_t?, regionCapacity: Int) throws(UserfaultError) {
         precondition(regionCapacity > 0, "regionCapacity must be positive")
         let path = pid.map { "/proc/\($0)/pagemap" } ?? "/proc/self/pagemap"
         let descriptor = cuffd_open_rdonly(path)
@@ -45,7 +45,7 @@ public final class PagemapScanner: @unchecked Sendable {
     ///   written after this one.
     /// - Throws: ``UserfaultError`` with operation ``UserfaultError/Operation/scanPagemap`` (`EINVAL` on kernels without
     ///   `PAGEMAP_SCAN`, `EPERM` when re-arming memory not registered with ``UserfaultFeatures/wpAsync``).
-    public func writtenPages(in range: MemoryRange, rearm: Bool) throws(UserfaultError) -> [MemoryRange] {
+    package func writtenPages(in range: MemoryRange, rearm: Bool) throws(UserfaultError) -> [MemoryRange] {
         try scan(range, category: UInt64(CUFFD_PAGE_IS_WRITTEN),
                  flags: rearm ? UInt64(CUFFD_PM_SCAN_WP_MATCHING | CUFFD_PM_SCAN_CHECK_WPASYNC) : 0)
     }
@@ -54,7 +54,7 @@ public final class PagemapScanner: @unchecked Sendable {
     /// ``UserfaultFeatures/wpAsync``, as maximal runs in ascending order: what a WP_ASYNC tracker of `range` still
     /// sees. Pages unmapped since (`munmap`, or moved away by `mremap`) or covered by a mapping that replaced the
     /// registered one are missing. Nothing is re-protected.
-    public func asyncWriteProtectedPages(in range: MemoryRange) throws(UserfaultError) -> [MemoryRange] {
+    package func asyncWriteProtectedPages(in range: MemoryRange) throws(UserfaultError) -> [MemoryRange] {
         try scan(range, category: UInt64(CUFFD_PAGE_IS_WPALLOWED), flags: 0)
     }
 

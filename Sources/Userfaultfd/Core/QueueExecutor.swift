@@ -64,7 +64,7 @@ public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Senda
 
 extension Duration {
     /// In nanoseconds, saturated: 0 for a negative duration, `UInt64.max` beyond what fits.
-    var saturatingNanoseconds: UInt64 {
+    package var saturatingNanoseconds: UInt64 {
         let (seconds, attoseconds) = components
         guard seconds >= 0, attoseconds >= 0 || seconds > 0 else { return 0 }
         let (whole, overflow) = UInt64(seconds).multipliedReportingOverflow(by: 1_000_000_000)
@@ -75,7 +75,7 @@ extension Duration {
 
     /// As a Dispatch time interval, saturated: `.never` beyond what nanoseconds in an `Int` hold (about 292 years),
     /// zero for a negative duration.
-    var timeInterval: DispatchTimeInterval {
+    package var timeInterval: DispatchTimeInterval {
         let nanoseconds = saturatingNanoseconds
         return nanoseconds > UInt64(Int.max) ? .never : .nanoseconds(Int(nanoseconds))
     }

@@ -2,19 +2,19 @@ import CUserfaultfd
 import Glibc
 
 /// One message received from a Unix socket: bytes and the descriptors that came with them (owned by the receiver).
-public struct ReceivedMessage: Sendable {
+package struct ReceivedMessage: Sendable {
     /// The bytes.
-    public var payload: [UInt8]
+    package var payload: [UInt8]
     /// The descriptors passed with SCM_RIGHTS, installed in this process (close-on-exec).
-    public var descriptors: [Int32]
+    package var descriptors: [Int32]
     /// True when the peer closed the connection (no bytes, no descriptors).
-    public var isEndOfStream: Bool { payload.isEmpty && descriptors.isEmpty }
+    package var isEndOfStream: Bool { payload.isEmpty && descriptors.isEmpty }
 
     /// The most descriptors one message may carry (more is ``DescriptorPassingError/Code/descriptorsTruncated``).
-    public static let maximumDescriptors = Int(CUFFD_MAX_PASSED_FDS)
+    package static let maximumDescriptors = Int(CUFFD_MAX_PASSED_FDS)
 
     /// Closes every received descriptor.
-    public func closeDescriptors() {
+    package func closeDescriptors() {
         for descriptor in descriptors { _ = Glibc.close(descriptor) }
     }
 
@@ -23,7 +23,7 @@ public struct ReceivedMessage: Sendable {
     /// are read only within the buffer, whatever their `cmsg_len` says, and control messages other than
     /// `SCM_RIGHTS` are skipped.
     ///
-    /// The receive path of ``UnixSocketConnection`` uses this; it is public so that tests and fuzzers can feed it
+    /// The receive path of ``UnixSocketConnection`` uses this; it has package access so that tests and fuzzers can feed it
     /// synthesized buffers.
     ///
     /// - Parameters:
@@ -39,7 +39,7 @@ public struct ReceivedMessage: Sendable {
     ///   ``DescriptorPassingError/Code/descriptorsTruncated`` (`MSG_CTRUNC`, or more than ``maximumDescriptors``),
     ///   else ``DescriptorPassingError/Code/malformedControlMessage``; in each case every descriptor found is passed
     ///   to `close` first.
-    public static func decode(
+    package static func decode(
         payload: [UInt8],
         control: UnsafeRawBufferPointer,
         messageFlags: Int32,

@@ -90,7 +90,7 @@ public final class SharedMemoryFile: @unchecked Sendable {
     /// the file has no page; `EEXIST` (or a copy that stopped at such a page) skips it. A page the kernel refuses for any
     /// other reason (no memory) is left out: `UFFDIO_CONTINUE` on it then fails with
     /// ``UserfaultError/Code/badAddress``, which the caller reports.
-    func fill(offset: Int, count: Int, from source: UnsafeRawPointer?) {
+    package func fill(offset: Int, count: Int, from source: UnsafeRawPointer?) {
         var done = 0
         while done < count {
             let range = MemoryRange(start: view + UInt(offset + done), length: count - done)

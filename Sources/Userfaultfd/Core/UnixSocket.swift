@@ -14,7 +14,7 @@ public struct DescriptorPassingError: Error, Sendable, Hashable, CustomStringCon
         /// The payload did not fit the receive buffer (the rest was discarded by the kernel).
         case payloadTruncated
         /// Some descriptors did not fit and were discarded, or the message carried more than
-        /// ``ReceivedMessage/maximumDescriptors`` (all of them were closed).
+        /// `ReceivedMessage.maximumDescriptors` (16; all of them were closed).
         case descriptorsTruncated
         /// The control messages that came with the payload cannot be parsed: a header whose length is below its own
         /// size or past the end of the buffer, or `SCM_RIGHTS` data that is not a whole number of descriptors (every
@@ -111,7 +111,7 @@ public final class UnixSocketConnection: Sendable {
 
     /// A watch on the peer's process: its exit, whatever happens to this socket (`SO_PEERPIDFD`, or `pidfd_open(2)`
     /// on the peer's pid). `nil` when the kernel offers neither (before Linux 5.3) or the socket is closed.
-    public func watchPeerProcess() -> ProcessExitWatch? {
+    package func watchPeerProcess() -> ProcessExitWatch? {
         let pidfd = (try? lease.withDescriptor(.adopt) { cuffd_peer_pidfd($0) }) ?? -1
         guard pidfd >= 0 else { return nil }
         return ProcessExitWatch(pidfd: pidfd, processID: peerProcessID)
@@ -127,7 +127,7 @@ public final class UnixSocketConnection: Sendable {
     /// The socket is non-blocking: while the peer's buffer is full, the call waits (`poll(2)`, blocking the calling
     /// thread) up to `timeout` for room, then throws ``DescriptorPassingError/Code/timedOut`` (part of the payload may
     /// have been sent by then).
-    public func send(_ payload: [UInt8], descriptors: [Int32] = [], timeout: Duration = .seconds(5)) throws(DescriptorPassingError) {
+    package func send(_ payload: [UInt8], descriptors: [Int32] = [], timeout: Duration = .seconds(5)) throws(DescriptorPassingError) {
         guard descriptors.count <= Int(CUFFD_MAX_PASSED_FDS) else {
             throw DescriptorPassingError(.tooManyDescriptors(descriptors.count), operation: "sendmsg",
                                          detail: "at most \(CUFFD_MAX_PASSED_FDS) descriptors per message")
@@ -174,7 +174,7 @@ public final class UnixSocketConnection: Sendable {
         }
     }
 
-    /// Room for one SCM_RIGHTS message of ``ReceivedMessage/maximumDescriptors``: a peer that sends more gets
+    /// Room for one SCM_RIGHTS message of `ReceivedMessage.maximumDescriptors` (16): a peer that sends more gets
     /// `MSG_CTRUNC` from the kernel (and ``DescriptorPassingError/Code/descriptorsTruncated`` from ``receive(maximumPayload:timeout:)``).
     static let controlCapacity = cuffd_cmsg_space(MemoryLayout<Int32>.size * ReceivedMessage.maximumDescriptors)
 
@@ -185,7 +185,7 @@ public final class UnixSocketConnection: Sendable {
     ///   or ``DescriptorPassingError/Code/malformedControlMessage`` (the descriptors that did arrive are closed; see
     ///   ``ReceivedMessage/decode(payload:control:messageFlags:closing:)``), ``DescriptorPassingError/Code/timedOut``,
     ///   ``DescriptorPassingError/Code/cancelled``.
-    public func receive(maximumPayload: Int = 64 * 1024, timeout: Duration? = nil) async throws(DescriptorPassingError) -> ReceivedMessage {
+    package func receive(maximumPayload: Int = 64 * 1024, timeout: Duration? = nil) async throws(DescriptorPassingError) -> ReceivedMessage {
         while true {
             try await waiter.waitUntilReadable(timeout: timeout)
             guard lease.acquire() else { throw DescriptorPassingError(.cancelled, operation: "recvmsg", detail: "the socket is closed") }
@@ -218,7 +218,7 @@ public final class UnixSocketConnection: Sendable {
 
     /// Waits until the peer closes the connection, discarding (and closing) whatever else it sends; each unexpected
     /// message is passed to `unexpected`.
-    public func waitForHangUp(unexpected: @Sendable (ReceivedMessage) -> Void = { _ in }) async {
+    package func waitForHangUp(unexpected: @Sendable (ReceivedMessage) -> Void = { _ in }) async {
         while true {
             do {
                 let message = try await receive()
@@ -251,14 +251,14 @@ public struct PeerCredentials: Sendable, Hashable {
 }
 
 /// A process's exit, awaited without a thread: a pidfd, which becomes readable when the process has exited.
-public final class ProcessExitWatch: Sendable {
+package final class ProcessExitWatch: Sendable {
     private let lease: DescriptorLease
     private let waiter: ReadinessWaiter
     /// The process watched, if known.
-    public let processID: Int32?
+    package let processID: Int32?
 
     /// Takes ownership of `pidfd`.
-    public init(pidfd: Int32, processID: Int32?) {
+    package init(pidfd: Int32, processID: Int32?) {
         self.processID = processID
         lease = DescriptorLease(descriptor: pidfd)
         waiter = ReadinessWaiter(lease: lease, label: "userfaultfd.pidfd.\(pidfd)")
@@ -267,7 +267,7 @@ public final class ProcessExitWatch: Sendable {
     deinit { cancel() }
 
     /// Returns true once the process has exited; false when ``cancel()`` ended the wait first.
-    public func waitForExit() async -> Bool {
+    package func waitForExit() async -> Bool {
         do {
             try await waiter.waitUntilReadable(timeout: nil)
             return true
@@ -277,7 +277,7 @@ public final class ProcessExitWatch: Sendable {
     }
 
     /// Ends a pending ``waitForExit()`` (it returns false) and closes the pidfd.
-    public func cancel() {
+    package func cancel() {
         waiter.cancel()
         lease.markClosed()
     }

@@ -225,7 +225,7 @@ public final class UserfaultFD: Sendable {
     /// Checks that `descriptor` is an open userfaultfd: by its `/proc/self/fd` link, or where `/proc` is not mounted
     /// (or not readable: a sandbox, a container without it), by asking the kernel (``probeUserfaultfd(_:)``).
     /// - Parameter fdDirectory: where the process's descriptor links are (a test points it elsewhere).
-    static func validateUserfaultfd(_ descriptor: Int32, fdDirectory: String = "/proc/self/fd") throws(UserfaultError) {
+    package static func validateUserfaultfd(_ descriptor: Int32, fdDirectory: String = "/proc/self/fd") throws(UserfaultError) {
         var buffer = [CChar](repeating: 0, count: 256)
         let count = readlink("\(fdDirectory)/\(descriptor)", &buffer, buffer.count - 1)
         guard count > 0 else {
@@ -249,7 +249,7 @@ public final class UserfaultFD: Sendable {
 
     /// Whether `descriptor` is a userfaultfd, without `/proc`: an anonymous inode on which `UFFDIO_WAKE` of one page
     /// succeeds (it wakes nothing that is not waiting there; every other kind of descriptor refuses the ioctl).
-    static func probeUserfaultfd(_ descriptor: Int32) -> Bool {
+    package static func probeUserfaultfd(_ descriptor: Int32) -> Bool {
         cuffd_probe_userfaultfd(descriptor) == 1
     }
 }

@@ -16,7 +16,7 @@ import Synchronization
 /// ```
 ///
 /// Its instants are `ContinuousClock`'s. A sleep throws `CancellationError` as soon as its task is cancelled.
-/// ``HTTPRangeProvider`` waits for its timeouts and retry backoffs the same way.
+/// `UserfaultfdHTTP`'s `HTTPRangeProvider` waits for its timeouts and retry backoffs the same way.
 public struct PoolFreeClock: Clock, Sendable {
     public typealias Instant = ContinuousClock.Instant
     public typealias Duration = Swift.Duration
@@ -51,7 +51,7 @@ public struct PoolFreeClock: Clock, Sendable {
 
     /// Runs `body` on the timer queue after `delay` (at once if it is not positive). `body` must be short: every timer
     /// of the library shares the queue.
-    static func schedule(after delay: Duration, _ body: @escaping @Sendable () -> Void) {
+    package static func schedule(after delay: Duration, _ body: @escaping @Sendable () -> Void) {
         queue.asyncAfter(deadline: .now() + delay.timeInterval, execute: body)
     }
 

@@ -207,7 +207,7 @@ public actor FaultResolver {
     /// write-protect fault in the batch (after the batch's non-fault events). It must resolve the fault promptly —
     /// record it, un-protect the page, wake the writer — and never wait on anything: the writer is blocked until then.
     /// ``DirtyTracker/init(region:)`` installs one.
-    public func setWriteProtectFaultHandler(_ handler: (@Sendable (PageFault) -> Void)?) {
+    package func setWriteProtectFaultHandler(_ handler: (@Sendable (PageFault) -> Void)?) {
         writeProtectHandler = handler
     }
 

@@ -6,7 +6,7 @@ import Synchronization
 /// At most ``limit`` wait here: when another arrives, the oldest is closed (its child's faults then fall back to
 /// ordinary memory, as for any closed userfaultfd). Once the resolver's reader has stopped, those still waiting are
 /// closed and consumers see the end.
-final class ForkedChildQueue: Sendable {
+package final class ForkedChildQueue: Sendable {
     /// Children kept at most for a consumer that has not come yet.
     let limit: Int
 
@@ -19,7 +19,7 @@ final class ForkedChildQueue: Sendable {
 
     private let state = Mutex(State())
 
-    init(limit: Int) {
+    package init(limit: Int) {
         precondition(limit > 0, "the limit must be positive")
         self.limit = limit
     }
@@ -27,7 +27,7 @@ final class ForkedChildQueue: Sendable {
     /// Hands `child` to a waiting consumer, or keeps it. Returns the number of children closed to make room (or because
     /// the queue is finished): 0 or 1.
     @discardableResult
-    func offer(_ child: UserfaultFD) -> Int {
+    package func offer(_ child: UserfaultFD) -> Int {
         enum Outcome { case handed(UnsafeContinuation<UserfaultFD?, Never>), kept, dropped(UserfaultFD) }
         let outcome = state.withLock { state -> Outcome in
             if state.finished { return .dropped(child) }
@@ -48,7 +48,7 @@ final class ForkedChildQueue: Sendable {
     }
 
     /// Closes every child still waiting, ends every consumer's stream; later children are closed as they come.
-    func finish() {
+    package func finish() {
         let (buffered, waiters) = state.withLock { state in
             state.finished = true
             defer {
@@ -62,10 +62,10 @@ final class ForkedChildQueue: Sendable {
     }
 
     /// Children waiting now.
-    var count: Int { state.withLock { $0.buffer.count } }
+    package var count: Int { state.withLock { $0.buffer.count } }
 
     /// The next child, waiting for one; nil once finished or when the calling task is cancelled.
-    func next() async -> UserfaultFD? {
+    package func next() async -> UserfaultFD? {
         let id = state.withLock { state in
             defer { state.nextWaiterID += 1 }
             return state.nextWaiterID
@@ -95,7 +95,7 @@ final class ForkedChildQueue: Sendable {
     }
 
     /// A stream of the children, for one consumer (each child goes to one of the streams iterated at the time).
-    var stream: AsyncStream<UserfaultFD> {
+    package var stream: AsyncStream<UserfaultFD> {
         AsyncStream(unfolding: { [self] in await next() })
     }
 }

@@ -41,7 +41,7 @@ public final class LazyRegion: Sendable {
     /// elsewhere to share them); `nil` for anonymous memory.
     public let sharedFile: SharedMemoryFile?
     /// The dirty-tracking engine the region was set up for (`tracking:`), or `nil`. See ``DirtyTracker/init(region:)``.
-    public let trackingEngine: DirtyTracker.Engine?
+    public let trackingEngine: DirtyTrackingEngine?
     private let originalRange: MemoryRange
 
     /// Maps `length` bytes served by `provider` and starts serving faults.
@@ -63,7 +63,7 @@ public final class LazyRegion: Sendable {
     ///   (``UserfaultError/Code/unsupportedFeatures(_:)`` when the kernel lacks what the backing or tracking needs).
     public init(
         length: Int, provider: any PageProvider, options: FaultResolver.Options = .init(),
-        backing: Backing = .anonymous, tracking: DirtyTracker.Engine? = nil, sharedFile existingFile: SharedMemoryFile? = nil
+        backing: Backing = .anonymous, tracking: DirtyTrackingEngine? = nil, sharedFile existingFile: SharedMemoryFile? = nil
     ) async throws {
         guard length > 0 else {
             throw UserfaultError(.invalidArgument, operation: .register, detail: "a LazyRegion needs a positive length, got \(length)")
@@ -136,7 +136,7 @@ public final class LazyRegion: Sendable {
         provider: any PageProvider,
         options: FaultResolver.Options = .init(),
         backing: Backing = .anonymous,
-        tracking: DirtyTracker.Engine? = nil,
+        tracking: DirtyTrackingEngine? = nil,
         sharedFile: SharedMemoryFile? = nil,
         _ body: (LazyRegion) async throws -> Result
     ) async throws -> Result {

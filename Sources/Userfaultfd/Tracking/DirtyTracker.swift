@@ -15,10 +15,10 @@ import Synchronization
 /// same step: a write racing it lands in this round or the next, never in neither.
 ///
 /// ## Engines
-/// - ``Engine/asyncScan``: the userfaultfd has ``UserfaultFeatures/wpAsync`` (Linux 6.7+), so the kernel resolves
+/// - ``DirtyTrackingEngine/asyncScan``: the userfaultfd has ``UserfaultFeatures/wpAsync`` (Linux 6.7+), so the kernel resolves
 ///   write-protect faults itself and marks the page written; `collect()` reads and re-protects them with one
-///   `PAGEMAP_SCAN` walk (``PagemapScanner``). Writers never stop.
-/// - ``Engine/writeProtectFaults``: every first write after a round raises a write-protect fault; the tracker records the
+///   `PAGEMAP_SCAN` walk (`PagemapScanner`). Writers never stop.
+/// - ``DirtyTrackingEngine/writeProtectFaults``: every first write after a round raises a write-protect fault; the tracker records the
 ///   page, lifts the protection and wakes the writer at once (on the userfaultfd's event queue, never waiting on anything).
 ///   `collect()` runs on that queue too: it reads every fault already queued, re-protects the range, then swaps the set.
 ///
@@ -29,38 +29,13 @@ import Synchronization
 ///
 /// The tracker is an actor whose executor is the userfaultfd's event queue (``UserfaultFD/eventExecutor``).
 public actor DirtyTracker {
-    /// How writes are detected.
-    public enum Engine: Sendable, Hashable, CustomStringConvertible {
-        /// Write-protect faults, resolved by the tracker.
-        case writeProtectFaults
-        /// `UFFD_FEATURE_WP_ASYNC` and `PAGEMAP_SCAN`: no faults at all.
-        case asyncScan
-
-        /// The best engine for a userfaultfd with `features` enabled (or offered): ``asyncScan`` with
-        /// ``UserfaultFeatures/wpAsync``, else ``writeProtectFaults``.
-        public static func best(for features: UserfaultFeatures) -> Engine {
-            features.contains(.wpAsync) ? .asyncScan : .writeProtectFaults
-        }
-
-        /// The features a userfaultfd needs for this engine (those also offered by the kernel are worth asking for).
-        public var features: UserfaultFeatures {
-            switch self {
-            case .writeProtectFaults: [.pagefaultFlagWP, .wpUnpopulated, .wpHugetlbfsShmem]
-            case .asyncScan: [.pagefaultFlagWP, .wpAsync, .wpUnpopulated, .wpHugetlbfsShmem]
-            }
-        }
-
-        public var description: String {
-            switch self {
-            case .writeProtectFaults: "write-protect faults"
-            case .asyncScan: "WP_ASYNC + PAGEMAP_SCAN"
-            }
-        }
-    }
+    /// How writes are detected: ``DirtyTrackingEngine``. It lives in the core, so that a ``LazyRegion`` set up for
+    /// tracking names it without the resolution layer depending on this one.
+    public typealias Engine = DirtyTrackingEngine
 
     /// Counters of a tracker.
     public struct Statistics: Sendable, Hashable {
-        /// Write-protect faults handled (``Engine/writeProtectFaults``).
+        /// Write-protect faults handled (``DirtyTrackingEngine/writeProtectFaults``).
         public var faults = 0
         /// Rounds collected.
         public var rounds = 0
@@ -96,7 +71,7 @@ public actor DirtyTracker {
 
     /// Tracks `range` of this process's memory with a userfaultfd of its own.
     ///
-    /// - Parameter engine: `nil` picks the best the kernel offers (``Engine/best(for:)``).
+    /// - Parameter engine: `nil` picks the best the kernel offers (``DirtyTrackingEngine/best(for:)``).
     /// - Throws: ``UserfaultError`` when the userfaultfd cannot be created with the engine's features or the range cannot be
     ///   registered for write protection (unaligned, unmapped, owned by another userfaultfd).
     public init(range: MemoryRange, engine: Engine? = nil) throws(UserfaultError) {
@@ -117,7 +92,7 @@ public actor DirtyTracker {
     ///
     /// - Parameters:
     ///   - pid: the process owning the memory (its `/proc/PID/pagemap` is scanned); `nil` for this process.
-    ///   - engine: `nil` picks ``Engine/asyncScan`` when `uffd` has ``UserfaultFeatures/wpAsync`` enabled.
+    ///   - engine: `nil` picks ``DirtyTrackingEngine/asyncScan`` when `uffd` has ``UserfaultFeatures/wpAsync`` enabled.
     ///   - registering: register `range` for write protection here; pass `false` when the other process did.
     /// The tracker reads `uffd`'s events itself with the fault engine, so they cannot be iterated elsewhere.
     public init(range: MemoryRange, uffd: UserfaultFD, pid: pid_t?, engine: Engine? = nil, registering: Bool = true) throws(UserfaultError) {

@@ -3,6 +3,7 @@ import Glibc
 import Synchronization
 import Testing
 import Userfaultfd
+import UserfaultfdFirecracker
 
 /// Log lines collected from any thread.
 final class LogLines: Sendable {

@@ -1,5 +1,6 @@
 import Testing
 import Userfaultfd
+import UserfaultfdFirecracker
 
 @Suite("Firecracker handshake parsing")
 struct GuestMemoryRegionTests {

@@ -2,7 +2,8 @@ import CUserfaultfdTestSupport
 import Foundation
 import Glibc
 import Testing
-@testable import Userfaultfd
+import Userfaultfd
+import UserfaultfdFirecracker
 
 /// Who may connect to the page server and be served: the socket file's permissions, the SO_PEERCRED check, and the
 /// check of the received descriptor where /proc is not usable.

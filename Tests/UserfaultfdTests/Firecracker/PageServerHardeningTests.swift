@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 import Userfaultfd
+import UserfaultfdFirecracker
 
 /// The page server against peers and conditions that once took it down or froze its VMs: a VMM that closes the socket
 /// after the handshake (Firecracker before 1.12), a full descriptor table, a memory file truncated under it.

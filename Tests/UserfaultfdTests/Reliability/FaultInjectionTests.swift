@@ -4,6 +4,7 @@ import Glibc
 import Synchronization
 import Testing
 import Userfaultfd
+import UserfaultfdFirecracker
 
 extension ReliabilityTests {
     /// Fault injection at the boundaries not covered elsewhere (single-fault provider errors, timeouts, retries and a

@@ -14,7 +14,7 @@ extension ReliabilityTests {
     /// was protected may still look clean, and no protected page that was not written may look written.
     ///
     /// Scale it with UFFD_STRESS_SECONDS, UFFD_STRESS_THREADS, UFFD_STRESS_REMOVERS, UFFD_STRESS_REGION_MIB,
-    /// UFFD_STRESS_SEED (see RELIABILITY.md).
+    /// UFFD_STRESS_SEED (see the Reliability article, Sources/Userfaultfd/Userfaultfd.docc/Reliability.md).
     @Suite("Stress")
     struct Stress {
         @Test(.timeLimit(.minutes(StressConfiguration.current.timeLimitMinutes)),

@@ -4,6 +4,7 @@ import Glibc
 import Synchronization
 import Testing
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// Providers must answer while every thread of Swift's cooperative pool (two here) is blocked on a fault. On Linux the
 /// pool, concurrent `DispatchQueue`s, `OperationQueue`s and Swift's own timers share libdispatch's worker pool, which

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
-@testable import Userfaultfd
+import Userfaultfd
+import UserfaultfdHTTP
 
 /// A server that is not on the caller's side: redirects to another host must not take the credentials along, and sizes
 /// the server makes up must end in a typed error, never in a trap (Tests/Fixtures/range_server.py on loopback).

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Testing
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// A measurement, not a speed goal (those live with the benchmarks): faults resolved per second over a server that adds
 /// 2 ms to every request, with 8 faulting threads on a 64 MiB object in 64 KiB blocks. The goal to compare with is

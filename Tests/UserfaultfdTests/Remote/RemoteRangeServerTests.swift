@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// Remote memory from an HTTP range server with fault injection (Tests/Fixtures/range_server.py): retries where they
 /// help, permanent errors straight to the failure policy and the application, nothing hangs.

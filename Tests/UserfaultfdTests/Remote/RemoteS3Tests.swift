@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import UffdTool
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// Remote memory from S3: moto's server on loopback, a presigned GET URL, a LazyRegion over it.
 @Suite("Remote: S3 presigned URLs (moto)", .enabled(if: !remoteTestsSkipped, "UFFD_SKIP_REMOTE_TESTS=1"))

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Testing
 import Userfaultfd
+import UserfaultfdHTTP
 
 /// Runs `body` with a ``LazyRegion`` over `provider` under a fault watchdog: if the test overruns `seconds`, the region's
 /// userfaultfd is closed (every blocked thread wakes) and an issue is recorded.

@@ -1,5 +1,5 @@
 import Testing
-@testable import Userfaultfd
+import Userfaultfd
 
 /// What `FaultResolver.forkedChildren` keeps for a consumer: bounded, oldest closed first, the rest closed at the end
 /// (the fork scenarios themselves run in `uffd-forked-region`; see the region-event tests). Plain userfaultfds stand in

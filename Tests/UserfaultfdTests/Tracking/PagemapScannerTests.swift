@@ -1,5 +1,5 @@
 import Testing
-@testable import Userfaultfd
+import Userfaultfd
 
 /// `PAGEMAP_SCAN` with a result vector smaller than the number of written runs: the kernel stops when the vector is
 /// full and says where in `walk_end`; a scan that did not resume from there would lose the pages after it (unreported,

@@ -1,3 +1,5 @@
+import Userfaultfd
+
 /// An ``HTTPRangeProvider`` request failed: what went wrong, for which URL and bytes, after how many attempts.
 ///
 /// Conforms to ``ProviderFailure``: errors that another attempt cannot fix (403, 404, 416, an object replaced since it was

@@ -3,6 +3,7 @@ import Synchronization
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+import Userfaultfd
 
 /// Finds the size and version of a remote object with a `GET` of bytes 0-0: `206` with `Content-Range: bytes 0-0/SIZE`;
 /// `416` with `bytes */0` for an empty object; a `200` with the whole body when the server ignores ranges, kept if it is

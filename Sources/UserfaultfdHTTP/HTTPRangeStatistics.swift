@@ -1,3 +1,5 @@
+import Userfaultfd
+
 extension HTTPRangeProvider {
     /// Counters of an ``HTTPRangeProvider``: what went over the wire, and how often a read needed no request.
     public struct Statistics: Sendable, Hashable, CustomStringConvertible {

@@ -4,6 +4,7 @@ import Synchronization
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+import Userfaultfd
 
 /// A complete HTTP response: status, headers and the whole body.
 struct HTTPReply: Sendable {

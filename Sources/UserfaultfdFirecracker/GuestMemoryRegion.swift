@@ -1,4 +1,5 @@
 import Foundation
+import Userfaultfd
 
 /// One guest memory region, as a Firecracker-compatible VMM describes it in its handshake.
 ///

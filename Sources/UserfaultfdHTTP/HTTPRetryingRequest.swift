@@ -3,6 +3,7 @@ import Synchronization
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+import Userfaultfd
 
 /// One logical request (a block read or a size probe) and its retries: each attempt waits for a slot of the limiter,
 /// has its own timeout, and a failure that may be transient (timeout, connection error, truncated body, 408, 429, 5xx)

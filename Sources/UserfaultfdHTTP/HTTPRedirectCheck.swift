@@ -2,11 +2,12 @@ import Foundation
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+import Userfaultfd
 
 /// Decides whether a redirect is followed, and prepares the redirected request: on Linux, URLSession copies every header
 /// of the original request into the redirected one, credentials included, whatever the target host.
-struct HTTPRedirectCheck: Sendable {
-    enum Decision: Sendable, Hashable {
+package struct HTTPRedirectCheck: Sendable {
+    package enum Decision: Sendable, Hashable {
         /// Follow; with `stripCredentials`, without the credentials meant for the original origin.
         case follow(stripCredentials: Bool)
         case refuse
@@ -23,7 +24,7 @@ struct HTTPRedirectCheck: Sendable {
     }
 
     /// The decision for a hop from `from` to `to` of a request first sent to `original`.
-    static func decide(_ policy: HTTPRangeProvider.RedirectPolicy, original: URL, from: URL, to: URL) -> Decision {
+    package static func decide(_ policy: HTTPRangeProvider.RedirectPolicy, original: URL, from: URL, to: URL) -> Decision {
         if from.scheme?.lowercased() == "https", to.scheme?.lowercased() != "https" { return .refuse }
         guard let scheme = to.scheme?.lowercased(), scheme == "http" || scheme == "https" else { return .refuse }
         let same = Origin(original) == Origin(to)

@@ -1,3 +1,5 @@
+import Userfaultfd
+
 extension HTTPRangeProvider {
     /// How an ``HTTPRangeProvider`` reads: block size, concurrency, timeouts, retries, caching.
     ///

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import Userfaultfd
 
 /// A page-fault handler for Firecracker-compatible VMMs restoring snapshots lazily (the "Uffd" memory backend).
 ///
@@ -72,7 +73,7 @@ public final class FirecrackerPageServer: Sendable {
         public var log: @Sendable (String) -> Void
         /// Whether to watch the peer's process with a pidfd (false: only probe its address space, as on kernels
         /// without pidfds; for tests).
-        var watchesPeerProcess = true
+        package var watchesPeerProcess = true
 
         /// A configuration; only the socket and the memory file are required.
         public init(

@@ -1,4 +1,5 @@
 import Userfaultfd
+import UserfaultfdFirecracker
 
 /// Any bytes as a Firecracker handshake body: parsing returns regions or a typed error, never traps; accepted regions
 /// are inside the memory file, at page-aligned addresses, of a supported page size, and do not overlap.

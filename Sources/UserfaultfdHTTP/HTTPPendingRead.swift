@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import Userfaultfd
 
 /// One provider read waiting for the blocks it covers: each block read that completes copies its part into the buffer.
 ///

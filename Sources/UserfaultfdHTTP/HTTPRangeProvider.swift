@@ -3,6 +3,7 @@ import Synchronization
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
+import Userfaultfd
 
 /// Serves a remote object over HTTP with range requests (`Range: bytes=a-b`), so any URL that supports them — an S3
 /// presigned URL, a GCS signed URL, a file behind nginx — can back a ``LazyRegion``.
