@@ -1,6 +1,6 @@
 import Glibc
 import Synchronization
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 /// A page-fault handler for Firecracker-compatible VMMs restoring snapshots lazily (the "Uffd" memory backend).
 ///

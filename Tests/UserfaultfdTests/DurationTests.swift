@@ -1,6 +1,6 @@
 import Dispatch
 import Testing
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 /// Durations handed to Dispatch: any value a caller can write, `.seconds(Int64.max)` included, saturates instead of
 /// overflowing.

@@ -1,5 +1,5 @@
 import Testing
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 /// `FaultMessage.decode` on synthesized `struct uffd_msg` bytes: no kernel involved.
 @Suite("FaultMessage decoding")

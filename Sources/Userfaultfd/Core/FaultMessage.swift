@@ -4,12 +4,15 @@ import CUserfaultfd
 ///
 /// Layout (include/uapi/linux/userfaultfd.h): `event` u8 at 0; the argument union at 8. PAGEFAULT: flags u64 @8,
 /// address u64 @16, ptid u32 @24. FORK: ufd u32 @8. REMAP: from @8, to @16, len @24. REMOVE/UNMAP: start @8, end @16.
-package enum FaultMessage {
+///
+/// Not part of the API: `@_spi(Decoding)`, so `import Userfaultfd` does not see it. The fuzzers (a package of their own,
+/// which `package` access cannot reach), the page server and the tests use it with `@_spi(Decoding) import Userfaultfd`.
+@_spi(Decoding) public enum FaultMessage {
     /// Size of one message in bytes.
-    package static let size = Int(CUFFD_MSG_SIZE)
+    public static let size = Int(CUFFD_MSG_SIZE)
 
     /// Decodes one message, before fork descriptors are adopted.
-    package enum Decoded: Sendable, Hashable {
+    public enum Decoded: Sendable, Hashable {
         case pageFault(PageFault)
         /// The raw descriptor of the child's userfaultfd, already installed in this process.
         case fork(descriptor: Int32)
@@ -25,7 +28,7 @@ package enum FaultMessage {
     ///   - pageSize: the page size used to compute ``PageFault/pageAddress``.
     /// - Throws: ``UserfaultError/Code/malformedMessage`` for a short buffer or an impossible range,
     ///   ``UserfaultError/Code/unknownEvent(_:)`` for an event code this library does not know.
-    package static func decode(
+    public static func decode(
         _ bytes: UnsafeRawBufferPointer,
         features: UserfaultFeatures,
         pageSize: Int = systemPageSize
@@ -77,7 +80,7 @@ package enum FaultMessage {
     }
 
     /// Encodes a message the way the kernel lays it out; for tests and fuzzers that synthesize input.
-    package static func encode(_ message: Decoded, threadID: UInt32 = 0) -> [UInt8] {
+    public static func encode(_ message: Decoded, threadID: UInt32 = 0) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: size)
         func put(_ value: UInt64, at offset: Int) {
             withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<offset + 8, with: $0) }

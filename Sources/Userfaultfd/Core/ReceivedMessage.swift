@@ -2,19 +2,22 @@ import CUserfaultfd
 import Glibc
 
 /// One message received from a Unix socket: bytes and the descriptors that came with them (owned by the receiver).
-package struct ReceivedMessage: Sendable {
+///
+/// Not part of the API: `@_spi(Decoding)`, so `import Userfaultfd` does not see it. The fuzzers (a package of their own,
+/// which `package` access cannot reach), the page server and the tests use it with `@_spi(Decoding) import Userfaultfd`.
+@_spi(Decoding) public struct ReceivedMessage: Sendable {
     /// The bytes.
-    package var payload: [UInt8]
+    public var payload: [UInt8]
     /// The descriptors passed with SCM_RIGHTS, installed in this process (close-on-exec).
-    package var descriptors: [Int32]
+    public var descriptors: [Int32]
     /// True when the peer closed the connection (no bytes, no descriptors).
-    package var isEndOfStream: Bool { payload.isEmpty && descriptors.isEmpty }
+    public var isEndOfStream: Bool { payload.isEmpty && descriptors.isEmpty }
 
     /// The most descriptors one message may carry (more is ``DescriptorPassingError/Code/descriptorsTruncated``).
-    package static let maximumDescriptors = Int(CUFFD_MAX_PASSED_FDS)
+    public static let maximumDescriptors = Int(CUFFD_MAX_PASSED_FDS)
 
     /// Closes every received descriptor.
-    package func closeDescriptors() {
+    public func closeDescriptors() {
         for descriptor in descriptors { _ = Glibc.close(descriptor) }
     }
 
@@ -23,7 +26,7 @@ package struct ReceivedMessage: Sendable {
     /// are read only within the buffer, whatever their `cmsg_len` says, and control messages other than
     /// `SCM_RIGHTS` are skipped.
     ///
-    /// The receive path of ``UnixSocketConnection`` uses this; it has package access so that tests and fuzzers can feed it
+    /// The receive path of ``UnixSocketConnection`` uses this; it has public access so that tests and fuzzers can feed it
     /// synthesized buffers.
     ///
     /// - Parameters:
@@ -39,7 +42,7 @@ package struct ReceivedMessage: Sendable {
     ///   ``DescriptorPassingError/Code/descriptorsTruncated`` (`MSG_CTRUNC`, or more than ``maximumDescriptors``),
     ///   else ``DescriptorPassingError/Code/malformedControlMessage``; in each case every descriptor found is passed
     ///   to `close` first.
-    package static func decode(
+    public static func decode(
         payload: [UInt8],
         control: UnsafeRawBufferPointer,
         messageFlags: Int32,

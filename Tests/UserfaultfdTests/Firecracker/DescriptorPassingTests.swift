@@ -1,7 +1,7 @@
 import Foundation
 import Glibc
 import Testing
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 @Suite("Passing a userfaultfd over a Unix socket")
 struct DescriptorPassingTests {

@@ -1,7 +1,7 @@
 import CUserfaultfd
 import Glibc
 import Testing
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 /// Control buffers laid out by hand, the way the kernel lays out `msg_control` on a 64-bit Linux: each message is a
 /// 16-byte header (`cmsg_len` u64, `cmsg_level` i32, `cmsg_type` i32), its data, and padding to 8 bytes.

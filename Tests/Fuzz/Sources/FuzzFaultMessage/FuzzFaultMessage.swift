@@ -1,4 +1,4 @@
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 /// Any bytes as a `uffd_msg`: decoding must return a message or a typed error, never trap; a decoded message must
 /// encode back to the same decoding (round trip), with every feature set and page size the library supports.

@@ -1,5 +1,5 @@
 import Glibc
-import Userfaultfd
+@_spi(Decoding) import Userfaultfd
 
 /// Any bytes as what one `recvmsg(2)` returned when receiving a passed userfaultfd, split as
 ///
