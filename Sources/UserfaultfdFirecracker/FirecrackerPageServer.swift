@@ -21,7 +21,7 @@ import Synchronization
 /// their own copy of the userfaultfd). So the end of the socket does not end a session: the server holds a pidfd for
 /// the peer (`SO_PEERPIDFD`, or `pidfd_open(2)` on its `SO_PEERCRED` pid) taken when it connects, and lets the VM go
 /// — closing its userfaultfd and dropping its resolver — when that process has exited and the userfaultfd's address
-/// space is gone too (``UserfaultFD/addressSpaceHasExited(probing:)``; a peer that passed on another process's
+/// space is gone too (`UserfaultFD.addressSpaceHasExited(probing:)`; a peer that passed on another process's
 /// userfaultfd does not take that VM with it). Without pidfds (Linux before 5.3) it probes the userfaultfd about
 /// once a second instead.
 ///
@@ -40,7 +40,7 @@ import Synchronization
 ///
 /// ## A memory file that changes under the server
 /// Pages are read with `pread(2)`, never from a mapping: a file truncated while it is served costs the reads past
-/// its new end — the VM gets the resolver's ``FailurePolicy`` (SIGBUS by default), and a log line — never the server.
+/// its new end — the VM gets the resolver's `FailurePolicy` (SIGBUS by default), and a log line — never the server.
 public final class FirecrackerPageServer: Sendable {
     /// How a server runs.
     public struct Configuration: Sendable {
@@ -165,7 +165,7 @@ public final class FirecrackerPageServer: Sendable {
     }
 
     /// Opens the memory file and starts listening.
-    /// - Throws: ``UserfaultError`` if the memory file cannot be opened, ``DescriptorPassingError`` if the socket cannot
+    /// - Throws: `UserfaultError` if the memory file cannot be opened, `DescriptorPassingError` if the socket cannot
     ///   be bound.
     public init(_ configuration: Configuration) throws {
         self.configuration = configuration

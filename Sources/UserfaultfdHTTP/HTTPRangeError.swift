@@ -2,9 +2,9 @@ import Userfaultfd
 
 /// An ``HTTPRangeProvider`` request failed: what went wrong, for which URL and bytes, after how many attempts.
 ///
-/// Conforms to ``ProviderFailure``: errors that another attempt cannot fix (403, 404, 416, an object replaced since it was
-/// opened, a server that ignores ranges) are ``isPermanent``, so a ``FaultResolver`` skips its own retries and applies
-/// the region's ``FailurePolicy`` at once. Transient errors (timeouts, dropped connections, 429, 5xx) have already been
+/// Conforms to `ProviderFailure`: errors that another attempt cannot fix (403, 404, 416, an object replaced since it was
+/// opened, a server that ignores ranges) are ``isPermanent``, so a `FaultResolver` skips its own retries and applies
+/// the region's `FailurePolicy` at once. Transient errors (timeouts, dropped connections, 429, 5xx) have already been
 /// retried by the provider (``HTTPRangeProvider/Options/maxAttempts``) when they reach the resolver.
 ///
 /// The URL in messages has its query removed: presigned URLs carry their signature there.

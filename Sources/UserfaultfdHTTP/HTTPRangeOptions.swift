@@ -4,12 +4,12 @@ extension HTTPRangeProvider {
     /// How an ``HTTPRangeProvider`` reads: block size, concurrency, timeouts, retries, caching.
     ///
     /// The worst case for one block is about `maxAttempts × requestTimeout` plus the backoffs: keep the resolver's
-    /// ``FaultResolver/Options/providerTimeout`` above that (the defaults, 4 × 10 s here and 60 s there, fit).
+    /// `FaultResolver.Options.providerTimeout` above that (the defaults, 4 × 10 s here and 60 s there, fit).
     public struct Options: Sendable, Hashable {
         /// Bytes per request, and the alignment of every request (rounded up to a multiple of 4096, at most 1 GiB).
         /// Default 1 MiB.
         ///
-        /// Also the provider's ``HTTPRangeProvider/preferredReadSize``, so a ``FaultResolver`` aligns its clusters to it.
+        /// Also the provider's ``HTTPRangeProvider/preferredReadSize``, so a `FaultResolver` aligns its clusters to it.
         public var blockSize: Int
         /// HTTP requests in flight at most (block reads beyond wait their turn). Default 8.
         public var maxConcurrentRequests: Int

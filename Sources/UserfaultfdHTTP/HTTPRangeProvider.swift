@@ -6,7 +6,7 @@ import FoundationNetworking
 import Userfaultfd
 
 /// Serves a remote object over HTTP with range requests (`Range: bytes=a-b`), so any URL that supports them — an S3
-/// presigned URL, a GCS signed URL, a file behind nginx — can back a ``LazyRegion``.
+/// presigned URL, a GCS signed URL, a file behind nginx — can back a `LazyRegion`.
 ///
 /// ```swift
 /// let provider = try await HTTPRangeProvider.open(url: url, headers: ["Authorization": "Bearer \(token)"])
@@ -18,7 +18,7 @@ import Userfaultfd
 ///
 /// ## Reads
 /// - Every request is aligned to ``Options/blockSize`` (default 1 MiB), which is also ``preferredReadSize``, so a
-///   ``FaultResolver`` aligns its clusters to blocks; one read covering adjacent blocks makes one request.
+///   `FaultResolver` aligns its clusters to blocks; one read covering adjacent blocks makes one request.
 /// - A read of a block that is already being fetched joins that request (one request per block in flight), and the
 ///   most recent blocks are kept (``Options/cachedBlocks``) so a later read of another part of one needs no request.
 /// - At most ``Options/maxConcurrentRequests`` requests are in flight; each has a timeout (``Options/requestTimeout``)
@@ -29,12 +29,12 @@ import Userfaultfd
 /// - The object's version is pinned (``Options/pinVersion``): `If-Match` with its ETag, or `If-Unmodified-Since` with its
 ///   Last-Modified, and every response is checked against it, so an object replaced mid-read fails with
 ///   ``HTTPRangeError/Code/objectChanged`` rather than mixing two versions.
-/// - 403, 404, 416 and the like are permanent ``HTTPRangeError``s (``ProviderFailure``): the resolver skips its retries
-///   and applies the region's ``FailurePolicy`` at once.
+/// - 403, 404, 416 and the like are permanent ``HTTPRangeError``s (`ProviderFailure`): the resolver skips its retries
+///   and applies the region's `FailurePolicy` at once.
 ///
 /// Authentication travels in the URL (presigned and signed URLs: no signing here) or in ``headers``.
 /// Requests run on a `URLSession` whose callbacks use a serial queue of their own, and its timeouts and backoffs use
-/// ``PoolFreeClock``'s: nothing waits on Swift's cooperative pool or libdispatch's shared workers (see <doc:Executors>).
+/// `PoolFreeClock`'s: nothing waits on Swift's cooperative pool or libdispatch's shared workers (see the Executors article of `Userfaultfd`).
 public final class HTTPRangeProvider: PageProvider {
     private struct State {
         /// Block index → the block read that is fetching it.
@@ -120,7 +120,7 @@ public final class HTTPRangeProvider: PageProvider {
     }
 
     /// Opens the object at `url`: finds its size and version with a `GET` of bytes 0-0 (see ``SizeProbe``), so a
-    /// ``LazyRegion`` can be made from the URL alone.
+    /// `LazyRegion` can be made from the URL alone.
     ///
     /// A server that answers the probe with the whole object (no range support) is accepted if the object is at most
     /// ``Options/wholeObjectLimit`` bytes: it is kept and served from memory.

@@ -24,7 +24,7 @@ struct HTTPReply: Sendable {
 /// Linux, concurrent queues and an `OperationQueue` without an underlying queue run on libdispatch's worker pool, which
 /// is also the cooperative pool; when all its threads are blocked on faults, work sent there waits about a second for a
 /// new thread. The delegate's `OperationQueue` runs on a serial `DispatchQueue`, and the timeouts and backoffs on
-/// ``PoolFreeClock``'s timer queue.
+/// `PoolFreeClock`'s timer queue.
 final class HTTPTransport: Sendable {
     let session: URLSession
     private let delegate: HTTPSessionDelegate

@@ -89,7 +89,8 @@ public final class UnixSocketConnection: Sendable {
 
     deinit { close() }
 
-    /// Closes the socket; a pending ``receive(maximumPayload:timeout:)`` throws ``DescriptorPassingError/Code/cancelled``.
+    /// Closes the socket; a pending receive (``UserfaultFD/receive(from:enabledFeatures:maximumPayload:timeout:)``)
+    /// throws ``DescriptorPassingError/Code/cancelled``.
     public func close() {
         waiter.cancel()
         lease.markClosed()
