@@ -6,13 +6,16 @@
 // the HTTP and Firecracker layers) and its own C shim for what Swift cannot import (variadic ioctl/syscall, the _IOWR
 // macros, structs newer than the system's linux/userfaultfd.h).
 //
-// One target per layer, so the compiler holds the layers apart (CONTRIBUTING.md, "Layers"):
+// One target per layer, so the compiler holds the layers apart (CONTRIBUTING.md, "Layout"):
 //
-//     CUserfaultfd → Userfaultfd → UserfaultfdHTTP ─┐
-//                        └──────→ UserfaultfdFirecracker → UffdTool → uffd
+//     CUserfaultfd → Userfaultfd → UserfaultfdHTTP ─────────┐
+//                         └──────→ UserfaultfdFirecracker ──┴→ UffdTool → uffd
+//
+// (the page server needs no HTTP, so it links no libcurl either; it imports Foundation for its JSON handshake).
 //
 // A program that imports only `Userfaultfd` links neither Foundation nor FoundationNetworking nor libcurl (.ci/run
-// checks it). Internals that another target of the package needs (tools, tests, fuzzers) are `package`, not `public`.
+// checks it). Internals that another target of the package needs (tools, tests) are `package`, not `public`; the two
+// decoders that the fuzz package (Tests/Fuzz, a package of its own) drives are `@_spi(Decoding)`.
 
 import PackageDescription
 
