@@ -71,7 +71,7 @@ struct FetchStateMachine {
     }
 
     /// How a fetch ended, which says what its waiting threads get.
-    enum Ending {
+    enum Ending: Equatable {
         /// Every page is in; the installs woke the threads.
         case installed
         /// The userfaultfd was closed or its address space exited: nobody is left waiting.
@@ -104,7 +104,7 @@ struct FetchStateMachine {
     }
 
     /// What the resolver does for the fetch after a transition.
-    enum Action {
+    enum Action: Equatable {
         /// Nothing (a stale event: a late timer, a transition that does not apply in this state).
         case nothing
         /// A late result of an abandoned attempt: only its buffer is given back.
@@ -133,7 +133,7 @@ struct FetchStateMachine {
     }
 
     /// A transition's result: the read it ended, if any (carried out first), then the action.
-    struct Step {
+    struct Step: Equatable {
         var readEnd: ReadEnd?
         var action: Action
 
