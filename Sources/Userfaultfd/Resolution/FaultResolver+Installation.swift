@@ -12,15 +12,18 @@ extension FaultResolver {
     /// A page that cannot be installed even alone gets the failure policy once the rest is in, so that no waiting
     /// thread is left asleep.
     func install(_ fetch: Fetch) {
-        fetch.machine.resumeInstalling()
-        guard let installation = fetch.machine.installation else { return }
-        while let part = fetch.machine.nextPart {
+        // The machine is worked on as a local value and stored back before anything else can see the fetch: one
+        // exclusive access to the class's storage per installation rather than several per part.
+        var machine = fetch.machine
+        machine.resumeInstalling()
+        guard let installation = machine.installation else { return }
+        while let part = machine.nextPart {
             let step: FetchStateMachine.InstallStep
             do throws(UserfaultError) {
                 try installPart(of: fetch, installation, offset: part.offset, length: part.length)
-                step = fetch.machine.partInstalled()
+                step = machine.partInstalled()
             } catch {
-                step = fetch.machine.partFailed(error)
+                step = machine.partFailed(error)
             }
             switch step {
             case .installed(let pages):
@@ -33,18 +36,22 @@ extension FaultResolver {
             case .next:
                 continue
             case .deferred:
+                fetch.machine = machine
                 if !deferred.contains(fetch.id) { deferred.append(fetch.id) }
                 counters.withLock { $0.deferredRetries += 1 }
                 scheduleDeferredRetry()
                 return
             case .gone:
                 // Nobody is left waiting: closing woke every thread, and an exited address space has none.
+                fetch.machine = machine
                 perform(FetchStateMachine.Step(.end(.addressSpaceGone)), for: fetch)
                 return
             }
         }
-        let refusal = fetch.machine.refusal
-        perform(fetch.machine.installFinished(policy: options.failurePolicy), for: fetch, cause: refusal)
+        let step = machine.installFinished(policy: options.failurePolicy)
+        let refusal = machine.refusal
+        fetch.machine = machine
+        perform(step, for: fetch, cause: refusal)
     }
 
     /// Installs `length` bytes of a fetch from `offset` on, the way its installation says.

@@ -66,8 +66,6 @@ struct FetchStateMachine {
         var installed = 0
         /// How many bytes the next part tries: halved when the kernel refuses a range whole, doubled after a success.
         var chunk = 0
-        /// Why a page could not be installed even alone; it then gets the failure policy.
-        var refusal: UserfaultError?
     }
 
     /// How a fetch ended, which says what its waiting threads get.
@@ -165,6 +163,9 @@ struct FetchStateMachine {
     private(set) var state = State.created
     /// Provider attempts so far.
     private(set) var attempts = 0
+    /// Why a page could not be installed even alone (it then gets the failure policy). Kept out of ``state`` so that
+    /// the state stays plain data, copied without reference counting on the fault path.
+    private(set) var refusal: UserfaultError?
 
     init(pages: Range<Int>, pageSize: Int, isReadahead: Bool = false) {
         self.pages = pages
@@ -189,12 +190,6 @@ struct FetchStateMachine {
     func isReading(attempt: Int) -> Bool {
         if case .reading(attempt) = state { return true }
         return false
-    }
-
-    /// While installing: why a page was refused even alone, once the installation came to it.
-    var refusal: UserfaultError? {
-        if case .installing(let progress) = state { return progress.refusal }
-        return nil
     }
 
     // MARK: - Reading
@@ -364,7 +359,7 @@ struct FetchStateMachine {
                 progress.chunk = part.length / pageSize / 2 * pageSize
             } else {
                 // This page alone is refused too: leave it for the failure policy, go on after it.
-                progress.refusal = error
+                refusal = error
                 progress.installed += pageSize
             }
             return .next
@@ -374,7 +369,7 @@ struct FetchStateMachine {
     /// Every part is done: the fetch is installed, or gets the failure policy for a page refused even alone.
     mutating func installFinished(policy: FailurePolicy) -> Step {
         guard case .installing(let progress) = state, progress.installed >= length else { return Step(.nothing) }
-        let ending: Ending = progress.refusal == nil ? .installed : .failed(PageFill(policy))
+        let ending: Ending = refusal == nil ? .installed : .failed(PageFill(policy))
         state = .finished(ending)
         return Step(.end(ending))
     }
