@@ -107,24 +107,3 @@ public struct ProviderTimeoutError: Error, Sendable, Hashable, CustomStringConve
     public var timeout: Duration
     public var description: String { "the provider did not answer within \(timeout)" }
 }
-
-/// How threads waiting on pages are let go when no provider data will come for them.
-enum WaiterRelease {
-    /// Zero pages.
-    case zeros
-    /// Poisoned pages: SIGBUS in the accessing thread.
-    case poison
-
-    /// At the end of a failure policy (after its retries).
-    init(_ policy: FailurePolicy) {
-        self = policy.terminal == .poison ? .poison : .zeros
-    }
-
-    /// Once resolution is cancelled.
-    init(_ resolution: CancellationResolution) {
-        switch resolution {
-        case .zeroFill: self = .zeros
-        case .poison: self = .poison
-        }
-    }
-}

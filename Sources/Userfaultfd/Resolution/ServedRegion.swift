@@ -78,7 +78,10 @@ final class ServedRegion {
     /// The pages one fault at `page` brings in: grown by readahead (per sequential stream; below the page for a stream
     /// going backwards), aligned to the provider's read size, clipped to `limit` (the segment and the data) and to
     /// `maximumPages` (a buffer's size), never over a page present or in flight.
-    func cluster(for page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Cluster {
+    ///
+    /// Not a query: the fault is counted in its readahead stream (continued, its window doubled, or a new stream in
+    /// the least recently used slot), which then expects its next fault after the cluster. Call it once per fault.
+    func advanceStream(faultingAt page: Int, within limit: Range<Int>, readahead: ReadaheadPolicy, maximumPages: Int) -> Cluster {
         guard readahead != .none else {
             return Cluster(pages: page..<page + 1, stream: nil, continuation: .starts)
         }
@@ -110,9 +113,9 @@ final class ServedRegion {
 
     /// For a fault that continued an established stream forwards (its window at `maximumWindow` pages): the free pages
     /// after its cluster, one window's worth (clipped to `limit` and `maximumPages`), to fetch ahead of the stream's faults;
-    /// the stream then expects its next fault after them. Nil when the stream is not established, or the page after
-    /// the cluster is not free or past the limit.
-    func windowAhead(of cluster: Cluster, within limit: Range<Int>, maximumWindow: Int, maximumPages: Int) -> Range<Int>? {
+    /// the stream then expects its next fault after them (its state changes). Nil when the stream is not established,
+    /// or the page after the cluster is not free or past the limit.
+    func advanceStreamAhead(of cluster: Cluster, within limit: Range<Int>, maximumWindow: Int, maximumPages: Int) -> Range<Int>? {
         guard cluster.continuation == .forwards, let stream = cluster.stream, streams[stream].windowPages >= maximumWindow else {
             return nil
         }
