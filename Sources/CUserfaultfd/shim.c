@@ -1,6 +1,7 @@
 // Most of the shim is static inline in the header; this file holds what needs the CMSG_* macros, and compiles the
 // header's _Static_asserts that check our kernel ABI declarations against the kernel's numbers.
 #define _GNU_SOURCE
+#include <stdio.h>
 #include "CUserfaultfd.h"
 
 #include <string.h>
@@ -167,21 +168,30 @@ int cuffd_unix_listen(const char *path, int backlog) {
 int cuffd_unix_listen_mode(const char *path, int backlog, unsigned mode, int64_t gid) {
     struct sockaddr_un address;
     if (cuffd_unix_address(path, &address) < 0) return -1;
+    // The socket is bound under a staging name beside the final one, given its permissions, set listening, and only
+    // then renamed into place: whoever sees the path can connect at once, and never sees it with other permissions.
+    // A path too long for a staging name beside it is bound directly (connecting is refused until listen).
+    struct sockaddr_un bound = address;
+    int staged = snprintf(bound.sun_path, sizeof(bound.sun_path), "%s.%d.tmp", path, (int)getpid());
+    if (staged <= 0 || (size_t)staged >= sizeof(bound.sun_path)) {
+        bound = address;
+        staged = 0;
+    }
     struct stat info;
     if (lstat(path, &info) == 0 && S_ISSOCK(info.st_mode)) unlink(path);
+    if (staged && lstat(bound.sun_path, &info) == 0 && S_ISSOCK(info.st_mode)) unlink(bound.sun_path);
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (sock < 0) return -1;
-    // Permissions go on the file between bind and listen: until listen, connecting is refused (ECONNREFUSED).
-    if (bind(sock, (struct sockaddr *)&address, sizeof(address)) < 0) {
+    if (bind(sock, (struct sockaddr *)&bound, sizeof(bound)) < 0) {
         int saved = errno;
         close(sock);
         errno = saved;
         return -1;
     }
-    if ((mode != 0 && chmod(path, mode) < 0) || (gid >= 0 && chown(path, (uid_t)-1, (gid_t)gid) < 0)
-        || listen(sock, backlog) < 0) {
+    if ((mode != 0 && chmod(bound.sun_path, mode) < 0) || (gid >= 0 && chown(bound.sun_path, (uid_t)-1, (gid_t)gid) < 0)
+        || listen(sock, backlog) < 0 || (staged && rename(bound.sun_path, path) < 0)) {
         int saved = errno;
-        unlink(path);
+        unlink(bound.sun_path);
         close(sock);
         errno = saved;
         return -1;

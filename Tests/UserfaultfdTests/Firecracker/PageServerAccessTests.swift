@@ -1,3 +1,4 @@
+import CUserfaultfd
 import CUserfaultfdTestSupport
 import Foundation
 import Glibc
@@ -107,5 +108,38 @@ extension FirecrackerPageServerTests {
         await running.stop()
         #expect(vms.count == 1 && vms.allSatisfy { !$0.isConnected }, "log: \(running.log)")
         #expect(running.log.contains("disconnected (the VMM exited)"), "log: \(running.log)")
+    }
+}
+
+extension FirecrackerPageServerTests {
+    /// A VMM (or a script) that waits for the socket file and then connects must never be refused: the file appears
+    /// only once the socket listens, with its final permissions. A thread spins on `lstat` and connects the moment the
+    /// path exists, while the listener is created, 200 times.
+    @Test(.timeLimit(.minutes(1)))
+    func theSocketFileAppearsOnlyOnceItAcceptsConnections() async throws {
+        let directory = try TemporaryDirectory()
+        var refused: [String] = []
+        for round in 0..<200 {
+            let path = "\(directory.path)/ready-\(round).sock"
+            let connector = OffPoolThread(name: "uffd-test-connector") { () -> (errno: Int32, mode: mode_t) in
+                let deadline = ContinuousClock.now + .seconds(5)
+                var info = stat()
+                while lstat(path, &info) != 0 {
+                    if ContinuousClock.now > deadline { return (ETIMEDOUT, 0) }
+                }
+                let mode = info.st_mode & 0o7777
+                let descriptor = cuffd_unix_connect(path)
+                guard descriptor >= 0 else { return (errno, mode) }
+                close(descriptor)
+                return (0, mode)
+            }
+            let listener = try UnixSocketListener(path: path)
+            let outcome = await connector.value
+            listener.close()
+            if outcome.errno != 0 || outcome.mode != 0o600 {
+                refused.append("round \(round): errno \(outcome.errno), mode \(String(outcome.mode, radix: 8))")
+            }
+        }
+        #expect(refused.isEmpty, "connected as soon as the socket file existed: \(refused.count) of 200 refused or not yet 0600: \(refused.prefix(5))")
     }
 }
