@@ -10,6 +10,7 @@
 #ifndef CUSERFAULTFD_H
 #define CUSERFAULTFD_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -46,8 +47,6 @@
 #define CUFFD_PAGEFAULT_FLAG_WP 2ULL
 #define CUFFD_PAGEFAULT_FLAG_MINOR 4ULL
 
-/// Size of one struct uffd_msg (packed).
-#define CUFFD_MSG_SIZE 32
 
 /// Ioctl command numbers (bit positions in the `ioctls` masks).
 #define CUFFD_CMD_REGISTER 0x00
@@ -116,6 +115,57 @@ struct cuffd_move {
     uint64_t mode;
     int64_t move;
 };
+
+/// struct uffd_msg: what one read(2) of a userfaultfd returns per event. Packed, as in the kernel; every field is at its
+/// natural alignment anyway, so the layout is the same with or without packing (only the struct's alignment is 1).
+struct __attribute__((packed)) cuffd_msg {
+    uint8_t event;
+    uint8_t reserved1;
+    uint16_t reserved2;
+    uint32_t reserved3;
+    union {
+        struct __attribute__((packed)) {
+            uint64_t flags;
+            uint64_t address;
+            union {
+                uint32_t ptid;
+            } feat;
+        } pagefault;
+        struct __attribute__((packed)) {
+            uint32_t ufd;
+        } fork;
+        struct __attribute__((packed)) {
+            uint64_t from;
+            uint64_t to;
+            uint64_t len;
+        } remap;
+        struct __attribute__((packed)) {
+            uint64_t start;
+            uint64_t end;
+        } remove;
+        struct __attribute__((packed)) {
+            uint64_t reserved1;
+            uint64_t reserved2;
+            uint64_t reserved3;
+        } reserved;
+    } arg;
+};
+
+/// Size of one struct uffd_msg (packed).
+#define CUFFD_MSG_SIZE 32
+
+_Static_assert(sizeof(struct cuffd_msg) == CUFFD_MSG_SIZE, "uffd_msg is 32 bytes");
+_Static_assert(offsetof(struct cuffd_msg, event) == 0, "uffd_msg.event");
+_Static_assert(offsetof(struct cuffd_msg, arg) == 8, "uffd_msg.arg");
+_Static_assert(offsetof(struct cuffd_msg, arg.pagefault.flags) == 8, "uffd_msg.arg.pagefault.flags");
+_Static_assert(offsetof(struct cuffd_msg, arg.pagefault.address) == 16, "uffd_msg.arg.pagefault.address");
+_Static_assert(offsetof(struct cuffd_msg, arg.pagefault.feat.ptid) == 24, "uffd_msg.arg.pagefault.feat.ptid");
+_Static_assert(offsetof(struct cuffd_msg, arg.fork.ufd) == 8, "uffd_msg.arg.fork.ufd");
+_Static_assert(offsetof(struct cuffd_msg, arg.remap.from) == 8, "uffd_msg.arg.remap.from");
+_Static_assert(offsetof(struct cuffd_msg, arg.remap.to) == 16, "uffd_msg.arg.remap.to");
+_Static_assert(offsetof(struct cuffd_msg, arg.remap.len) == 24, "uffd_msg.arg.remap.len");
+_Static_assert(offsetof(struct cuffd_msg, arg.remove.start) == 8, "uffd_msg.arg.remove.start");
+_Static_assert(offsetof(struct cuffd_msg, arg.remove.end) == 16, "uffd_msg.arg.remove.end");
 
 _Static_assert(sizeof(struct cuffd_api) == 24, "uffdio_api is 24 bytes");
 _Static_assert(sizeof(struct cuffd_range) == 16, "uffdio_range is 16 bytes");

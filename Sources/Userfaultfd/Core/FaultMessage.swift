@@ -2,8 +2,8 @@ import CUserfaultfd
 
 /// The one place `struct uffd_msg` (32 bytes, packed) is decoded.
 ///
-/// Layout (include/uapi/linux/userfaultfd.h): `event` u8 at 0; the argument union at 8. PAGEFAULT: flags u64 @8,
-/// address u64 @16, ptid u32 @24. FORK: ufd u32 @8. REMAP: from @8, to @16, len @24. REMOVE/UNMAP: start @8, end @16.
+/// The layout is `struct cuffd_msg` of the C shim, whose size and field offsets are checked there with
+/// `_Static_assert`s; the bytes are copied into one (any alignment, any content) and read by field name.
 ///
 /// Not part of the API: `@_spi(Decoding)`, so `import Userfaultfd` does not see it. The fuzzers (a package of their own,
 /// which `package` access cannot reach), the page server and the tests use it with `@_spi(Decoding) import Userfaultfd`.
@@ -37,10 +37,12 @@ import CUserfaultfd
             throw UserfaultError(.malformedMessage, operation: .readEvents,
                                  detail: "a uffd_msg is \(size) bytes, got \(bytes.count)")
         }
-        let event = bytes.load(fromByteOffset: 0, as: UInt8.self)
-        func u64(_ offset: Int) -> UInt64 { bytes.loadUnaligned(fromByteOffset: offset, as: UInt64.self) }
+        // A copy, not a cast: `bytes` may have any alignment.
+        var message = cuffd_msg()
+        withUnsafeMutableBytes(of: &message) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes.prefix(size))) }
+        let event = message.event
         func range(_ name: String) throws(UserfaultError) -> MemoryRange {
-            let start = u64(8), end = u64(16)
+            let start = message.arg.remove.start, end = message.arg.remove.end
             guard end >= start, end - start <= UInt64(Int.max) else {
                 throw UserfaultError(.malformedMessage, operation: .readEvents,
                                      detail: "\(name) event with end 0x\(String(end, radix: 16)) below start 0x\(String(start, radix: 16))")
@@ -49,27 +51,27 @@ import CUserfaultfd
         }
         switch Int32(event) {
         case CUFFD_EVENT_PAGEFAULT:
-            let flags = u64(8)
+            let flags = message.arg.pagefault.flags
             let kind: PageFault.Kind =
                 flags & CUFFD_PAGEFAULT_FLAG_WP != 0 ? .writeProtect
                 : flags & CUFFD_PAGEFAULT_FLAG_MINOR != 0 ? .minor : .missing
-            let ptid = bytes.loadUnaligned(fromByteOffset: 24, as: UInt32.self)
+            let ptid = message.arg.pagefault.feat.ptid
             return .pageFault(PageFault(
-                address: UInt(u64(16)), kind: kind, isWrite: flags & CUFFD_PAGEFAULT_FLAG_WRITE != 0,
+                address: UInt(message.arg.pagefault.address), kind: kind, isWrite: flags & CUFFD_PAGEFAULT_FLAG_WRITE != 0,
                 threadID: features.contains(.threadID) ? Int32(bitPattern: ptid) : nil,
                 flags: flags, pageSize: pageSize))
         case CUFFD_EVENT_FORK:
-            let descriptor = bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
+            let descriptor = message.arg.fork.ufd
             guard descriptor <= UInt32(Int32.max) else {
                 throw UserfaultError(.malformedMessage, operation: .readEvents, detail: "fork event with descriptor \(descriptor)")
             }
             return .fork(descriptor: Int32(descriptor))
         case CUFFD_EVENT_REMAP:
-            let length = u64(24)
+            let length = message.arg.remap.len
             guard length <= UInt64(Int.max) else {
                 throw UserfaultError(.malformedMessage, operation: .readEvents, detail: "remap event with length \(length)")
             }
-            return .remap(from: UInt(u64(8)), to: UInt(u64(16)), length: Int(length))
+            return .remap(from: UInt(message.arg.remap.from), to: UInt(message.arg.remap.to), length: Int(length))
         case CUFFD_EVENT_REMOVE:
             return .remove(try range("remove"))
         case CUFFD_EVENT_UNMAP:
@@ -81,29 +83,26 @@ import CUserfaultfd
 
     /// Encodes a message the way the kernel lays it out; for tests and fuzzers that synthesize input.
     public static func encode(_ message: Decoded, threadID: UInt32 = 0) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: size)
-        func put(_ value: UInt64, at offset: Int) {
-            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(offset..<offset + 8, with: $0) }
-        }
+        var raw = cuffd_msg()
         switch message {
         case .pageFault(let fault):
-            bytes[0] = UInt8(CUFFD_EVENT_PAGEFAULT)
-            put(fault.flags, at: 8)
-            put(UInt64(fault.address), at: 16)
-            withUnsafeBytes(of: threadID.littleEndian) { bytes.replaceSubrange(24..<28, with: $0) }
+            raw.event = UInt8(CUFFD_EVENT_PAGEFAULT)
+            raw.arg.pagefault.flags = fault.flags
+            raw.arg.pagefault.address = UInt64(fault.address)
+            raw.arg.pagefault.feat.ptid = threadID
         case .fork(let descriptor):
-            bytes[0] = UInt8(CUFFD_EVENT_FORK)
-            withUnsafeBytes(of: UInt32(bitPattern: descriptor).littleEndian) { bytes.replaceSubrange(8..<12, with: $0) }
+            raw.event = UInt8(CUFFD_EVENT_FORK)
+            raw.arg.fork.ufd = UInt32(bitPattern: descriptor)
         case .remap(let from, let to, let length):
-            bytes[0] = UInt8(CUFFD_EVENT_REMAP)
-            put(UInt64(from), at: 8)
-            put(UInt64(to), at: 16)
-            put(UInt64(length), at: 24)
+            raw.event = UInt8(CUFFD_EVENT_REMAP)
+            raw.arg.remap.from = UInt64(from)
+            raw.arg.remap.to = UInt64(to)
+            raw.arg.remap.len = UInt64(length)
         case .remove(let range), .unmap(let range):
-            if case .remove = message { bytes[0] = UInt8(CUFFD_EVENT_REMOVE) } else { bytes[0] = UInt8(CUFFD_EVENT_UNMAP) }
-            put(UInt64(range.start), at: 8)
-            put(UInt64(range.end), at: 16)
+            if case .remove = message { raw.event = UInt8(CUFFD_EVENT_REMOVE) } else { raw.event = UInt8(CUFFD_EVENT_UNMAP) }
+            raw.arg.remove.start = UInt64(range.start)
+            raw.arg.remove.end = UInt64(range.end)
         }
-        return bytes
+        return withUnsafeBytes(of: raw) { Array($0) }
     }
 }
