@@ -16,7 +16,9 @@ public final class AnonymousMemory: @unchecked Sendable {
     private let mapped = Atomic<Bool>(true)
 
     /// Maps `length` bytes, rounded up to whole pages.
-    /// - Parameter noReserve: don't reserve swap for the mapping (for huge, sparse regions).
+    /// - Parameters:
+    ///   - length: the bytes to map (positive).
+    ///   - noReserve: don't reserve swap for the mapping (for huge, sparse regions).
     /// - Throws: ``UserfaultError/Code/invalidArgument`` when `length` is not positive or does not round up to whole
     ///   pages within `Int.max`; ``UserfaultError/Code/system`` when `mmap` fails.
     public init(length: Int, noReserve: Bool = false) throws(UserfaultError) {

@@ -65,7 +65,7 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
     /// More words for the reader: the paths tried, the features missing, the constraint broken.
     public var detail: String
 
-    /// Creates an error. Library code normally uses ``init(operation:errno:range:detail:)``, which maps errno to a code.
+    /// Creates an error. Library code normally uses ``init(operation:errno:range:bytesCompleted:detail:)``, which maps errno to a code.
     public init(_ code: Code, operation: Operation, errno: Int32? = nil, range: MemoryRange? = nil, detail: String = "") {
         self.code = code
         self.operation = operation
