@@ -16,15 +16,17 @@ public final class AnonymousMemory: @unchecked Sendable {
     private let mapped = Atomic<Bool>(true)
 
     /// Maps `length` bytes, rounded up to whole pages.
-    /// - Parameter noReserve: don't reserve swap for the mapping (for huge, sparse regions).
+    /// - Parameters:
+    ///   - length: the bytes to map (positive).
+    ///   - noReserve: don't reserve swap for the mapping (for huge, sparse regions).
     /// - Throws: ``UserfaultError/Code/invalidArgument`` when `length` is not positive or does not round up to whole
     ///   pages within `Int.max`; ``UserfaultError/Code/system`` when `mmap` fails.
     public init(length: Int, noReserve: Bool = false) throws(UserfaultError) {
-        let rounded = try wholePages(length, operation: .register, of: "anonymous memory")
+        let rounded = try wholePages(length, operation: .mmap, of: "anonymous memory")
         let flags = MAP_PRIVATE | MAP_ANONYMOUS | (noReserve ? MAP_NORESERVE : 0)
         let pointer = mmap(nil, rounded, PROT_READ | PROT_WRITE, flags, -1, 0)
         guard let pointer, pointer != MAP_FAILED else {
-            throw UserfaultError(.system, operation: .register, errno: errno,
+            throw UserfaultError(.system, operation: .mmap, errno: errno,
                                  detail: "mmap of \(rounded) bytes of anonymous memory failed")
         }
         self.address = UInt(bitPattern: pointer)

@@ -17,13 +17,13 @@ public final class FileMapping: Sendable {
     public init(path: String) throws(UserfaultError) {
         let descriptor = open(path, O_RDONLY | O_CLOEXEC)
         guard descriptor >= 0 else {
-            throw UserfaultError(.system, operation: .register, errno: errno, detail: "cannot open \(path)")
+            throw UserfaultError(.system, operation: .open, errno: errno, detail: "cannot open \(path)")
         }
         var info = stat()
         guard fstat(descriptor, &info) == 0 else {
             let error = errno
             close(descriptor)
-            throw UserfaultError(.system, operation: .register, errno: error, detail: "cannot stat \(path)")
+            throw UserfaultError(.system, operation: .fstat, errno: error, detail: "cannot stat \(path)")
         }
         self.path = path
         self.size = Int(info.st_size)
@@ -39,7 +39,7 @@ public final class FileMapping: Sendable {
     public func read(into buffer: PageBuffer, at offset: Int) throws(UserfaultError) -> Int {
         guard offset >= 0, offset < size else { return 0 }
         let wanted = min(buffer.count, size - offset)
-        guard lease.acquire() else { throw UserfaultError(.closed, operation: .copy, detail: "\(path) is closed") }
+        guard lease.acquire() else { throw UserfaultError(.closed, operation: .pread, detail: "\(path) is closed") }
         defer { lease.release() }
         var done = 0
         while done < wanted {
@@ -48,13 +48,13 @@ public final class FileMapping: Sendable {
             }
             if count < 0 {
                 if errno == EINTR { continue }
-                throw UserfaultError(.system, operation: .copy, errno: errno,
+                throw UserfaultError(.system, operation: .pread, errno: errno,
                                      detail: "cannot read \(path) at offset \(offset + done)")
             }
             if count == 0 {
                 var info = stat()
                 let now = fstat(lease.descriptor, &info) == 0 ? " is now \(info.st_size) bytes," : ""
-                throw UserfaultError(.fileTruncated, operation: .copy,
+                throw UserfaultError(.fileTruncated, operation: .pread,
                                      detail: "\(path) was truncated:\(now) was \(size); read at offset \(offset + done)")
             }
             done += count

@@ -60,7 +60,7 @@ public struct MemoryRange: Sendable, Hashable, CustomStringConvertible {
     /// The smallest page-aligned range that covers this one. Saturates instead of trapping: its end stops at `UInt.max`
     /// for a range whose last page reaches the end of the address space, its length at the largest multiple of the
     /// page below `Int.max`, and a range that is not ``isWithinAddressSpace`` expands to an empty range at its start's
-    /// page. (Check ``contains(_:)`` on the result when the input is not trusted.)
+    /// page. (Check ``contains(_:)-(MemoryRange)`` on the result when the input is not trusted.)
     public func expandedToPages(of pageSize: Int) -> MemoryRange {
         let mask = UInt(pageSize - 1)
         let lower = start & ~mask

@@ -7,8 +7,8 @@ import Synchronization
 /// and provider tasks prefer it (or another one owned by the library), so resolution never needs a thread of Swift's
 /// cooperative pool, whose threads may all be blocked on faults. (Linux has no `DispatchSerialQueue` executor.)
 ///
-/// The executor counts the work queued on it (jobs and the blocks submitted with ``async(_:)`` and
-/// ``asyncAfter(_:_:)``), so the event reader, which runs on the same queue, can stop polling the userfaultfd as soon
+/// The executor counts the work queued on it (jobs and the blocks submitted with its internal `async(_:)` and
+/// `asyncAfter(_:_:)`), so the event reader, which runs on the same queue, can stop polling the userfaultfd as soon
 /// as anything waits behind it.
 public final class QueueExecutor: SerialExecutor, TaskExecutor, @unchecked Sendable {
     // @unchecked: the stored properties are an immutable DispatchQueue and an atomic counter, both thread-safe.

@@ -26,10 +26,10 @@ final class RegionMapping: @unchecked Sendable {
     /// Maps `length` bytes (whole pages) of private anonymous memory. A length that is not positive or does not round
     /// up to whole pages within `Int.max` is ``UserfaultError/Code/invalidArgument``.
     static func anonymous(length: Int, noReserve: Bool) throws(UserfaultError) -> RegionMapping {
-        let rounded = try wholePages(length, operation: .register, of: "an anonymous mapping")
+        let rounded = try wholePages(length, operation: .mmap, of: "an anonymous mapping")
         let pointer = mmap(nil, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (noReserve ? MAP_NORESERVE : 0), -1, 0)
         guard let pointer, pointer != MAP_FAILED else {
-            throw UserfaultError(.system, operation: .register, errno: errno, detail: "mmap of \(rounded) bytes of anonymous memory failed")
+            throw UserfaultError(.system, operation: .mmap, errno: errno, detail: "mmap of \(rounded) bytes of anonymous memory failed")
         }
         return RegionMapping(owning: MemoryRange(start: UInt(bitPattern: pointer), length: rounded))
     }

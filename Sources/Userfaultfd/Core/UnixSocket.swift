@@ -300,6 +300,8 @@ public final class UnixSocketListener: Sendable {
 
     /// Binds and listens on `path`, replacing a stale socket file there.
     /// - Parameters:
+    ///   - path: the socket file's path.
+    ///   - backlog: the `listen(2)` backlog: connections the kernel queues before they are accepted.
     ///   - mode: the socket file's permissions (connecting needs write permission on it).
     ///   - group: the socket file's group, if not the process's (e.g. with mode 0660, the group allowed to connect).
     public init(path: String, backlog: Int32 = 64, mode: mode_t = 0o600, group: gid_t? = nil) throws(DescriptorPassingError) {

@@ -52,6 +52,23 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
         case scanPagemap
         /// Creating, sizing or mapping shared memory (memfd).
         case mapSharedMemory
+        /// `open(2)` of a file the library reads (a memory snapshot, ``FileMapping``).
+        case open
+        /// `fstat(2)` of a file just opened.
+        case fstat
+        /// `mmap(2)` of the memory a region or ``AnonymousMemory`` is made of.
+        case mmap
+        /// `pread(2)` of a file (``FileMapping``): it failed, or came up short because the file was truncated.
+        case pread
+
+        /// A userfaultfd operation ("userfaultfd register failed"), not a system call on a file or on plain memory
+        /// made before any userfaultfd is involved ("open failed").
+        var isUserfaultfdOperation: Bool {
+            switch self {
+            case .open, .fstat, .mmap, .pread: false
+            default: true
+            }
+        }
     }
 
     /// Why it failed.
@@ -65,7 +82,7 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
     /// More words for the reader: the paths tried, the features missing, the constraint broken.
     public var detail: String
 
-    /// Creates an error. Library code normally uses ``init(operation:errno:range:detail:)``, which maps errno to a code.
+    /// Creates an error. Library code normally uses ``init(operation:errno:range:bytesCompleted:detail:)``, which maps errno to a code.
     public init(_ code: Code, operation: Operation, errno: Int32? = nil, range: MemoryRange? = nil, detail: String = "") {
         self.code = code
         self.operation = operation
@@ -93,7 +110,7 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
     }
 
     public var description: String {
-        var text = "userfaultfd \(operation.rawValue) failed: \(codeDescription)"
+        var text = "\(operation.isUserfaultfdOperation ? "userfaultfd " : "")\(operation.rawValue) failed: \(codeDescription)"
         if let range { text += " on \(range)" }
         if let errno { text += " (errno \(errno): \(String(cString: strerror(errno))))" }
         if !detail.isEmpty { text += ". \(detail)" }

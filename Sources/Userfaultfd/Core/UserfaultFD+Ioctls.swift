@@ -66,6 +66,7 @@ extension UserfaultFD {
     ///   - source: any readable memory (need not be aligned).
     ///   - destination: page-aligned start of the pages to fill, inside a range registered ``RegistrationMode/missing``.
     ///   - length: a non-zero multiple of the page size.
+    ///   - mode: ``CopyMode`` flags: leave the faulting threads asleep, or install the pages write-protected.
     /// - Returns: the bytes copied (`length`).
     /// - Throws: ``UserfaultError/Code/pageExists`` if the first page is already present;
     ///   ``UserfaultError/Code/tryAgain(bytesCompleted:)`` when the kernel stopped early (a page in the middle was present,
@@ -115,7 +116,10 @@ extension UserfaultFD {
     }
 
     /// Maps pages already in the page cache (MINOR faults on shmem or hugetlbfs) and wakes the faulting threads.
-    /// - Parameter writeProtect: map them write-protected (`UFFDIO_CONTINUE_MODE_WP`).
+    /// - Parameters:
+    ///   - range: the page-aligned pages to map, inside a range registered ``RegistrationMode/minor``.
+    ///   - wake: wake the faulting threads (`false` sets `UFFDIO_CONTINUE_MODE_DONTWAKE`; wake them later with ``wake(_:)``).
+    ///   - writeProtect: map them write-protected (`UFFDIO_CONTINUE_MODE_WP`).
     /// - Returns: the bytes mapped.
     @discardableResult
     public func `continue`(_ range: MemoryRange, wake: Bool = true, writeProtect: Bool = false) throws(UserfaultError) -> Int {

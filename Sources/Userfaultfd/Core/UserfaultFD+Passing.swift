@@ -8,7 +8,10 @@ extension UserfaultFD {
     /// ``receive(from:enabledFeatures:maximumPayload:timeout:)`` gives back as the empty payload; a peer reading the
     /// socket itself sees that byte.
     ///
-    /// - Parameter timeout: how long to wait for room while the peer's receive buffer is full.
+    /// - Parameters:
+    ///   - connection: a connected Unix stream socket.
+    ///   - payload: bytes sent in the same message as the descriptor.
+    ///   - timeout: how long to wait for room while the peer's receive buffer is full.
     /// - Throws: ``DescriptorPassingError/Code/timedOut`` when the peer's buffer stays full that long,
     ///   ``DescriptorPassingError/Code/cancelled`` when this userfaultfd or the connection is closed.
     public func send(
@@ -24,6 +27,7 @@ extension UserfaultFD {
     /// Receives one message that must carry exactly one userfaultfd, and adopts it.
     ///
     /// - Parameters:
+    ///   - connection: a connected Unix stream socket.
     ///   - enabledFeatures: what the sender enabled in its handshake (it decides how messages are decoded).
     ///   - maximumPayload: the largest payload accepted.
     ///   - timeout: how long to wait for the message.

@@ -1,6 +1,6 @@
 /// The feature bits of the `UFFDIO_API` handshake (`UFFD_FEATURE_*`).
 ///
-/// Kernel 6.18 offers all seventeen. Ask for what you need with ``UserfaultFD/init(requiredFeatures:optionalFeatures:userModeOnly:)``:
+/// Kernel 6.18 offers all seventeen. Ask for what you need with ``UserfaultFD/init(requiredFeatures:optionalFeatures:userModeOnly:path:)``:
 /// missing *required* features throw ``UserfaultError/Code/unsupportedFeatures(_:)`` naming them; missing *optional* ones are
 /// left out. Unknown bits are kept as they are, so a newer kernel's offer survives a round trip.
 public struct UserfaultFeatures: OptionSet, Sendable, Hashable, CustomStringConvertible {

@@ -27,6 +27,7 @@ public final class FileProvider: PageProvider {
 
     /// Opens `path` for reading.
     /// - Parameters:
+    ///   - path: a regular file.
     ///   - preferredReadSize: the read size to align to (0 for none).
     ///   - maxConcurrentReads: reads that may run at once, each on a serial queue of its own (at least 1; default 4).
     /// - Throws: ``FileProviderError`` when the file cannot be opened or is not a regular file.

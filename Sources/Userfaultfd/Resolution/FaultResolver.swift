@@ -5,7 +5,7 @@ import Synchronization
 /// Resolves page faults from ``PageProvider``s: many at once, deduplicated, with readahead, without ever needing a thread
 /// of Swift's cooperative pool.
 ///
-/// Give it the ranges to serve with ``serve(_:provider:providerOffset:)``, then either let it read the userfaultfd itself
+/// Give it the ranges to serve with ``serve(_:provider:providerOffset:pageSize:)``, then either let it read the userfaultfd itself
 /// (``start()``: the fastest path, used by ``LazyRegion``) or feed it from your own loop:
 ///
 /// ```swift
@@ -151,12 +151,16 @@ public actor FaultResolver {
     /// Serves faults in `range` (page-aligned, already registered with the userfaultfd) from `provider`, page 0 of the range
     /// being byte `providerOffset` of the provider's data.
     ///
-    /// - Parameter pageSize: the memory's page size, when it is not the base page: 2 MiB for hugetlbfs. Faults are then
-    ///   resolved a whole huge page at a time, and zero pages are made by copying zeros.
+    /// - Parameters:
+    ///   - range: the page-aligned range, already registered with the userfaultfd.
+    ///   - provider: where the range's pages come from.
+    ///   - providerOffset: the provider's byte that is the range's first byte.
+    ///   - pageSize: the memory's page size, when it is not the base page: 2 MiB for hugetlbfs. Faults are then
+    ///     resolved a whole huge page at a time, and zero pages are made by copying zeros.
     public func serve(
-        _ range: MemoryRange, provider: any PageProvider, providerOffset: Int = 0, pageSize regionPageSize: Int? = nil
+        _ range: MemoryRange, provider: any PageProvider, providerOffset: Int = 0, pageSize: Int? = nil
     ) throws(UserfaultError) {
-        try serve(range, provider: provider, providerOffset: providerOffset, pageSize: regionPageSize, sharedFile: nil)
+        try serve(range, provider: provider, providerOffset: providerOffset, pageSize: pageSize, sharedFile: nil)
     }
 
     /// Serves `range` as ``serve(_:provider:providerOffset:pageSize:)`` does; with a `sharedFile`, the range is a

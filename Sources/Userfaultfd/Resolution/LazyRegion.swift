@@ -11,10 +11,10 @@
 /// ```
 ///
 /// Two forms:
-/// - structured, ``with(length:provider:options:_:)``: everything is released when the closure returns; cancelling the
-///   calling task resolves every pending and later fault at once (``FaultResolver/Options/cancellation``, zeros by
-///   default) so no thread stays blocked in the region;
-/// - owned, ``init(length:provider:options:)`` with ``close()``.
+/// - structured, ``with(length:provider:options:backing:tracking:sharedFile:_:)``: everything is released when the
+///   closure returns; cancelling the calling task resolves every pending and later fault at once
+///   (``FaultResolver/Options/cancellation``, zeros by default) so no thread stays blocked in the region;
+/// - owned, ``init(length:provider:options:backing:tracking:sharedFile:)`` with ``close()``.
 ///
 /// A thread that touches the region blocks in the kernel until its page is resolved. The resolver never needs a thread
 /// of Swift's cooperative pool, so touching it from async code is safe even when every pool thread faults at once.
@@ -52,6 +52,9 @@ public final class LazyRegion: Sendable {
     /// for that range. With ``FaultResolver/Options/serveForkedChildren`` it also asks for FORK (and throws without it).
     ///
     /// - Parameters:
+    ///   - length: the region's size in bytes (positive), rounded up to whole pages.
+    ///   - provider: where the pages come from: page 0 of the region is the provider's byte 0.
+    ///   - options: the resolver's options (readahead, concurrency, failure policy, cancellation).
     ///   - backing: anonymous memory (default) or a shared-memory file (MINOR faults, ``Backing/sharedMemory``).
     ///   - sharedFile: with ``Backing/sharedMemory``, map this file instead of a new one — typically another region's
     ///     ``sharedFile`` (a second VM restoring the same snapshot): pages already in its page cache are mapped on first
@@ -63,8 +66,9 @@ public final class LazyRegion: Sendable {
     ///   (``UserfaultError/Code/unsupportedFeatures(_:)`` when the kernel lacks what the backing or tracking needs).
     public init(
         length: Int, provider: any PageProvider, options: FaultResolver.Options = .init(),
-        backing: Backing = .anonymous, tracking: DirtyTrackingEngine? = nil, sharedFile existingFile: SharedMemoryFile? = nil
+        backing: Backing = .anonymous, tracking: DirtyTrackingEngine? = nil, sharedFile: SharedMemoryFile? = nil
     ) async throws {
+        let existingFile = sharedFile
         guard length > 0 else {
             throw UserfaultError(.invalidArgument, operation: .register, detail: "a LazyRegion needs a positive length, got \(length)")
         }
@@ -105,7 +109,7 @@ public final class LazyRegion: Sendable {
             mapping = try RegionMapping.anonymous(length: length, noReserve: true)
         }
         originalRange = mapping.current[0].range
-        sharedFile = file
+        self.sharedFile = file
         trackingEngine = tracking
         count = length
         do {

@@ -71,7 +71,9 @@ public actor DirtyTracker {
 
     /// Tracks `range` of this process's memory with a userfaultfd of its own.
     ///
-    /// - Parameter engine: `nil` picks the best the kernel offers (``DirtyTrackingEngine/best(for:)``).
+    /// - Parameters:
+    ///   - range: page-aligned memory of this process, mapped and not registered with another userfaultfd.
+    ///   - engine: `nil` picks the best the kernel offers (``DirtyTrackingEngine/best(for:)``).
     /// - Throws: ``UserfaultError`` when the userfaultfd cannot be created with the engine's features or the range cannot be
     ///   registered for write protection (unaligned, unmapped, owned by another userfaultfd).
     public init(range: MemoryRange, engine: Engine? = nil) throws(UserfaultError) {
@@ -91,6 +93,8 @@ public actor DirtyTracker {
     /// process (received over a socket, or inherited) whose handshake enabled the engine's features.
     ///
     /// - Parameters:
+    ///   - range: page-aligned memory of the process `pid`.
+    ///   - uffd: the userfaultfd created in that process.
     ///   - pid: the process owning the memory (its `/proc/PID/pagemap` is scanned); `nil` for this process.
     ///   - engine: `nil` picks ``DirtyTrackingEngine/asyncScan`` when `uffd` has ``UserfaultFeatures/wpAsync`` enabled.
     ///   - registering: register `range` for write protection here; pass `false` when the other process did.
