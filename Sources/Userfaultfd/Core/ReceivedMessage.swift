@@ -52,9 +52,19 @@ import Glibc
         let capacity = control.count / MemoryLayout<Int32>.size
         var count = 0
         var flags: Int32 = 0
-        let descriptors = [Int32](unsafeUninitializedCapacity: capacity) { fds, initialized in
-            cuffd_parse_rights(control.baseAddress, control.count, fds.baseAddress, capacity, &count, &flags)
-            initialized = count
+        let descriptors: [Int32]
+        if capacity == 0 {
+            // No room for a descriptor (a closed connection's recvmsg has no control bytes): parse into nothing. Never
+            // `[Int32](unsafeUninitializedCapacity: 0)`: it stores its count into the shared empty-array singleton,
+            // which ThreadSanitizer reports as a race when two handshakes end at once (seen in `uffd serve`).
+            var none: Int32 = -1
+            cuffd_parse_rights(control.baseAddress, control.count, &none, 0, &count, &flags)
+            descriptors = []
+        } else {
+            descriptors = [Int32](unsafeUninitializedCapacity: capacity) { fds, initialized in
+                cuffd_parse_rights(control.baseAddress, control.count, fds.baseAddress, capacity, &count, &flags)
+                initialized = count
+            }
         }
         let message = ReceivedMessage(payload: payload, descriptors: descriptors)
         let code: DescriptorPassingError.Code
