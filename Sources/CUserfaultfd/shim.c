@@ -224,3 +224,8 @@ int cuffd_unix_accept(int listener) {
     } while (sock < 0 && errno == EINTR);
     return sock;
 }
+
+ssize_t cuffd_pread_nowait(int fd, void *buf, size_t count, int64_t offset) {
+    struct iovec vector = { .iov_base = buf, .iov_len = count };
+    return preadv2(fd, &vector, 1, (off_t)offset, RWF_NOWAIT);
+}

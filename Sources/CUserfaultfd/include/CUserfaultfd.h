@@ -375,4 +375,9 @@ static inline int cuffd_memfd_create(const char *name) {
 #endif
 }
 
+/// preadv2(fd, {buf, count}, 1, offset, RWF_NOWAIT): reads only what the page cache already holds. Returns the bytes
+/// read (fewer than `count` when part of the range is not cached), or -1 with errno EAGAIN when nothing is cached,
+/// EOPNOTSUPP when the file system cannot read without blocking, or another errno.
+ssize_t cuffd_pread_nowait(int fd, void *buf, size_t count, int64_t offset);
+
 #endif // CUSERFAULTFD_H

@@ -1,3 +1,4 @@
+import CUserfaultfd
 import Dispatch
 import Glibc
 import Synchronization
@@ -9,6 +10,10 @@ import Synchronization
 /// Serial on purpose: on Linux a concurrent queue draws on the worker pool that also runs the cooperative pool, and
 /// when every thread of that pool is blocked on a fault, a read sent there would wait about a second for a new thread;
 /// a serial queue always gets one.
+///
+/// Bytes already in the page cache skip that hop: ``readImmediately(into:at:)`` reads them with
+/// `preadv2(RWF_NOWAIT)` inside the resolver's event handler, and only a range the kernel would have to wait for
+/// (`EAGAIN`, or a short read) goes to a queue.
 public final class FileProvider: PageProvider {
     private let descriptor: Int32
     private let queues: [DispatchQueue]
@@ -25,13 +30,25 @@ public final class FileProvider: PageProvider {
     /// Reads that may run at once (one serial queue each).
     public var maxConcurrentReads: Int { queues.count }
 
+    /// Whether ranges already in the page cache are read inside the resolver's event handler.
+    public let readsCachedBytesImmediately: Bool
+    /// Cleared when the file system cannot read without blocking (`EOPNOTSUPP`): every read then goes to a queue.
+    private let nowaitSupported = Atomic<Bool>(true)
+    private let immediateReads = Atomic<Int>(0)
+
+    /// Reads served from the page cache inside the event handler, with no hop to a queue.
+    public var immediateReadCount: Int { immediateReads.load(ordering: .relaxed) }
+
     /// Opens `path` for reading.
     /// - Parameters:
     ///   - path: a regular file.
     ///   - preferredReadSize: the read size to align to (0 for none).
     ///   - maxConcurrentReads: reads that may run at once, each on a serial queue of its own (at least 1; default 4).
+    ///   - readsCachedBytesImmediately: read ranges the page cache already holds inside the event handler (default);
+    ///     `false` sends every read to a queue.
     /// - Throws: ``FileProviderError`` when the file cannot be opened or is not a regular file.
-    public init(path: String, preferredReadSize: Int = 0, maxConcurrentReads: Int = 4) throws {
+    public init(path: String, preferredReadSize: Int = 0, maxConcurrentReads: Int = 4,
+                readsCachedBytesImmediately: Bool = true) throws {
         let descriptor = open(path, O_RDONLY | O_CLOEXEC)
         guard descriptor >= 0 else { throw FileProviderError(path: path, errno: errno, operation: "open") }
         var info = stat()
@@ -44,6 +61,7 @@ public final class FileProvider: PageProvider {
         self.path = path
         self.size = Int(info.st_size)
         self.preferredReadSize = preferredReadSize
+        self.readsCachedBytesImmediately = readsCachedBytesImmediately
         let lanes = min(max(1, maxConcurrentReads), 64)
         self.queues = (0..<lanes).map { DispatchQueue(label: "userfaultfd.file-provider.\($0)") }
         self.load = Mutex([Int](repeating: 0, count: lanes))
@@ -68,6 +86,34 @@ public final class FileProvider: PageProvider {
                 continuation.resume(with: result)
             }
         }
+    }
+
+    /// Fills `buffer` from the page cache without waiting for the disk, or returns `nil` when any of the range is not
+    /// cached (the resolver then calls ``read(into:at:)``, which reads it all on a queue).
+    public func readImmediately(into buffer: PageBuffer, at offset: Int) throws -> PageContent? {
+        guard readsCachedBytesImmediately, nowaitSupported.load(ordering: .relaxed) else { return nil }
+        var done = 0
+        while done < buffer.count {
+            let count = buffer.withUnsafeMutableBytes { bytes in
+                cuffd_pread_nowait(descriptor, bytes.baseAddress! + done, bytes.count - done, Int64(offset + done))
+            }
+            if count > 0 {
+                done += count
+                continue
+            }
+            if count == 0 { break }  // end of file: the resolver zero-fills the rest
+            switch errno {
+            case EINTR: continue
+            case EAGAIN: return nil
+            case EOPNOTSUPP, EINVAL, ENOSYS:
+                // No RWF_NOWAIT here (an old kernel or a file system without it): stop asking.
+                nowaitSupported.store(false, ordering: .relaxed)
+                return nil
+            default: throw FileProviderError(path: path, errno: errno, operation: "pread")
+            }
+        }
+        immediateReads.add(1, ordering: .relaxed)
+        return .bytes(done)
     }
 
     private static func readFully(_ descriptor: Int32, path: String, into buffer: PageBuffer, at offset: Int) throws(FileProviderError) -> PageContent {
