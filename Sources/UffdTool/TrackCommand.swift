@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Userfaultfd
+import UserfaultfdBenchSupport
 
 /// `uffd track`: writes at random into a region, round after round, and prints the dirty ranges a ``DirtyTracker``
 /// reports, checked against what was written.
