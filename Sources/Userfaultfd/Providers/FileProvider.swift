@@ -31,7 +31,7 @@ public final class FileProvider: PageProvider {
     ///   - preferredReadSize: the read size to align to (0 for none).
     ///   - maxConcurrentReads: reads that may run at once, each on a serial queue of its own (at least 1; default 4).
     /// - Throws: ``FileProviderError`` when the file cannot be opened or is not a regular file.
-    public init(path: String, preferredReadSize: Int = 0, maxConcurrentReads: Int = 4) throws {
+    public init(path: String, preferredReadSize: Int = 0, maxConcurrentReads: Int = 4) throws(FileProviderError) {
         let descriptor = open(path, O_RDONLY | O_CLOEXEC)
         guard descriptor >= 0 else { throw FileProviderError(path: path, errno: errno, operation: "open") }
         var info = stat()

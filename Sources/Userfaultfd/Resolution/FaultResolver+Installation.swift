@@ -148,7 +148,7 @@ extension FaultResolver {
         }
         guard let region, region.zeroByCopy else { return try uffd.zeroPage(range) }
         if zeroSource == nil { zeroSource = try AnonymousMemory(length: pool.bufferSize) }
-        return try uffd.copy(from: zeroSource!.pointer, to: range.start, length: range.length,
+        return try uffd.copy(from: zeroSource!.baseAddress, to: range.start, length: range.length,
                              mode: options.installWriteProtected ? .writeProtect : [])
     }
 

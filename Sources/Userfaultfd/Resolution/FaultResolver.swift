@@ -251,7 +251,8 @@ public actor FaultResolver {
 
     /// Resolves `range` ahead of access, without blocking a thread. Returns when every page in it is present (or throws
     /// the provider's ``RegionError`` once the failure policy gave up on a page). A range with a negative length, or
-    /// whose pages run past the end of the address space, throws ``UserfaultError/Code/invalidArgument``.
+    /// whose pages run past the end of the address space, throws ``UserfaultError/Code/invalidArgument``. (Two error
+    /// types, a caller's mistake and the provider's failure, so the throw is untyped.)
     public func prefetch(_ range: MemoryRange) async throws {
         let wanted = range.expandedToPages(of: pageSize)
         guard range.isWithinAddressSpace, wanted.isAligned(to: pageSize), wanted.contains(range) else {
