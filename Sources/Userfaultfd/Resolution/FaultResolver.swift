@@ -100,7 +100,7 @@ public actor FaultResolver {
     public nonisolated let options: Options
     nonisolated let executor: QueueExecutor
     nonisolated let counters = Mutex(ResolverStatistics())
-    nonisolated let errorChannel = AsyncStream<RegionError>.makeStream(bufferingPolicy: .bufferingNewest(256))
+    nonisolated let errorBroadcast = ErrorBroadcast<RegionError>(backlogLimit: 256)
     nonisolated let forkChannel = ForkedChildQueue(limit: FaultResolver.forkedChildrenLimit)
     /// Children ``forkedChildren`` keeps at most for a consumer; beyond that the oldest is closed.
     public static let forkedChildrenLimit = 64
@@ -224,8 +224,13 @@ public actor FaultResolver {
     /// The counters so far. Readable from any thread.
     public nonisolated var statistics: ResolverStatistics { counters.withLock { $0 } }
 
-    /// Provider failures, as the failure policy resolves them (the newest 256 are kept if nobody listens).
-    public nonisolated var errors: AsyncStream<RegionError> { errorChannel.stream }
+    /// Provider failures, as the failure policy resolves them: a new stream on each access, so several observers can
+    /// watch at once.
+    ///
+    /// Each stream sees every failure from the moment it was made until it ends (the resolver stops, or its iterating
+    /// task breaks out or is cancelled; that ends only this stream). Failures raised while no stream is open
+    /// are kept (the newest 256) for the next stream made. A stream that lags behind keeps its newest 256.
+    public nonisolated var errors: AsyncStream<RegionError> { errorBroadcast.subscribe() }
 
     /// The userfaultfds of forked children (with ``UserfaultFeatures/eventFork``). Their faults are not served by this
     /// resolver; serve or close each one.
