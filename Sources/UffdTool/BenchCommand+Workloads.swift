@@ -32,7 +32,7 @@ extension BenchCommand {
     struct LibraryRun: Sendable {
         var nanoseconds: Double
         var nsPerPage: Double
-        var statistics: ResolverStatistics
+        var statistics: FaultResolver.Statistics
     }
 
     /// A LazyRegion of `pages` pages touched in order by one dedicated thread with the C reference's loop.

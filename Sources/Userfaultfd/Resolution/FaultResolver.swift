@@ -64,7 +64,7 @@ public actor FaultResolver {
         /// parent is unaffected. Such children are not offered on ``FaultResolver/forkedChildren``. A child's exit
         /// sends no event; its userfaultfd is probed about once a second
         /// (``UserfaultFD/addressSpaceHasExited(probing:)``) and its resolver let go once the child is gone
-        /// (``ResolverStatistics/forkedChildrenExited``).
+        /// (``FaultResolver.Statistics/forkedChildrenExited``).
         public var serveForkedChildren: Bool
 
         /// Options; every one has a default suited to a local provider.
@@ -99,7 +99,7 @@ public actor FaultResolver {
     /// The options it was made with.
     public nonisolated let options: Options
     nonisolated let executor: QueueExecutor
-    nonisolated let counters = Mutex(ResolverStatistics())
+    nonisolated let counters = Mutex(FaultResolver.Statistics())
     nonisolated let errorBroadcast = ErrorBroadcast<RegionError>(backlogLimit: 256)
     nonisolated let forkChannel = ForkedChildQueue(limit: FaultResolver.forkedChildrenLimit)
     /// Children ``forkedChildren`` keeps at most for a consumer; beyond that the oldest is closed.
@@ -222,7 +222,7 @@ public actor FaultResolver {
     }
 
     /// The counters so far. Readable from any thread.
-    public nonisolated var statistics: ResolverStatistics { counters.withLock { $0 } }
+    public nonisolated var statistics: FaultResolver.Statistics { counters.withLock { $0 } }
 
     /// Provider failures, as the failure policy resolves them: a new stream on each access, so several observers can
     /// watch at once.
@@ -237,7 +237,7 @@ public actor FaultResolver {
     ///
     /// Each fork installs a descriptor in this process, so while nobody iterates at most ``forkedChildrenLimit``
     /// children are kept: beyond that the oldest is closed (its child's faults then fall back to ordinary memory) and
-    /// counted in ``ResolverStatistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
+    /// counted in ``FaultResolver.Statistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
     /// userfaultfd closed) are closed, and the stream ends. Each child goes to one iterator.
     public nonisolated var forkedChildren: AsyncStream<UserfaultFD> { forkChannel.stream }
 

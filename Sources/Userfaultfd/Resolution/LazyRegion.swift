@@ -232,7 +232,7 @@ public final class LazyRegion: Sendable {
     }
 
     /// The resolver's counters: faults, pages copied, zero pages, bytes, dedup joins, provider errors, latency.
-    public var statistics: ResolverStatistics { resolver.statistics }
+    public var statistics: FaultResolver.Statistics { resolver.statistics }
 
     /// Provider failures, as the failure policy resolves them: a new stream on each access, so several observers can
     /// watch at once, and one that stops watching ends only its own stream (see ``FaultResolver/errors``).

@@ -272,7 +272,7 @@ extension LazyRegion {
     /// The statistics once the resolver has finished the work in hand: a woken thread can run before the resolver,
     /// still inside the same job on its serial queue, updates the counters after the ioctl that woke it. An empty
     /// prefetch is an actor call that runs after that job.
-    var settledStatistics: ResolverStatistics {
+    var settledStatistics: FaultResolver.Statistics {
         get async {
             try? await resolver.prefetch(MemoryRange(start: range.start, length: 0))
             return statistics
