@@ -64,7 +64,7 @@ public actor FaultResolver {
         /// parent is unaffected. Such children are not offered on ``FaultResolver/forkedChildren``. A child's exit
         /// sends no event; its userfaultfd is probed about once a second
         /// (``UserfaultFD/addressSpaceHasExited(probing:)``) and its resolver let go once the child is gone
-        /// (``FaultResolver.Statistics/forkedChildrenExited``).
+        /// (``FaultResolver/Statistics/forkedChildrenExited``).
         public var serveForkedChildren: Bool
 
         /// Options; every one has a default suited to a local provider.
@@ -237,7 +237,7 @@ public actor FaultResolver {
     ///
     /// Each fork installs a descriptor in this process, so while nobody iterates at most ``forkedChildrenLimit``
     /// children are kept: beyond that the oldest is closed (its child's faults then fall back to ordinary memory) and
-    /// counted in ``FaultResolver.Statistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
+    /// counted in ``FaultResolver/Statistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
     /// userfaultfd closed) are closed, and the stream ends. Each child goes to one iterator.
     public nonisolated var forkedChildren: AsyncStream<UserfaultFD> { forkChannel.stream }
 
