@@ -33,6 +33,9 @@ let package = Package(
         .executable(name: "uffd", targets: ["uffd"]),
         // The C reference of the benchmarks, shared by `uffd bench` and the Benchmarks/ package.
         .library(name: "CUserfaultfdBaseline", targets: ["CUserfaultfdBaseline"]),
+        // What the benchmarks, the tool's scenarios and the tests share (seeded random numbers, RSS readings, pattern
+        // files, Dispatch sleeps); shared by `uffd bench`, the Benchmarks/ package and the tests. No Foundation.
+        .library(name: "UserfaultfdBenchSupport", targets: ["UserfaultfdBenchSupport"]),
     ],
     targets: [
         // Layer 0: the C shim. Ioctl numbers, kernel structs and non-variadic wrappers.
@@ -60,11 +63,14 @@ let package = Package(
 
         // The benchmarks' C reference: userfaultfd(2)'s poll/read/COPY handler (used by `uffd bench` and Benchmarks/).
         .target(name: "CUserfaultfdBaseline"),
+        // The helpers of the benchmarks, the tool's scenarios and the tests. Depends on nothing: Glibc and Dispatch.
+        .target(name: "UserfaultfdBenchSupport", swiftSettings: strictConcurrency),
 
         // Layer 5: the command-line tool. Its commands live in a library so tests can drive them.
         .target(
             name: "UffdTool",
-            dependencies: ["Userfaultfd", "UserfaultfdHTTP", "UserfaultfdFirecracker", "CUserfaultfdBaseline"],
+            dependencies: ["Userfaultfd", "UserfaultfdHTTP", "UserfaultfdFirecracker", "CUserfaultfdBaseline",
+                           "UserfaultfdBenchSupport"],
             swiftSettings: strictConcurrency
         ),
         .executableTarget(
@@ -100,7 +106,7 @@ let package = Package(
         ),
         .testTarget(
             name: "UserfaultfdTests",
-            dependencies: ["Userfaultfd", "UserfaultfdHTTP", "UserfaultfdFirecracker", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "uffd-fake-vmm",
+            dependencies: ["Userfaultfd", "UserfaultfdHTTP", "UserfaultfdFirecracker", "UffdTool", "CUserfaultfd", "CUserfaultfdTestSupport", "UserfaultfdBenchSupport", "uffd-fake-vmm",
                            "uffd-forked-region"],
             swiftSettings: strictConcurrency
         ),

@@ -19,6 +19,7 @@ let package = Package(
                 .product(name: "Benchmark", package: "benchmark"),
                 .product(name: "Userfaultfd", package: "swift-userfaultfd"),
                 .product(name: "CUserfaultfdBaseline", package: "swift-userfaultfd"),
+                .product(name: "UserfaultfdBenchSupport", package: "swift-userfaultfd"),
             ],
             path: "Benchmarks/UserfaultfdBenchmarks",
             swiftSettings: [.swiftLanguageMode(.v6)],

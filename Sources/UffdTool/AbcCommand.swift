@@ -24,7 +24,7 @@ public struct AbcExample: Sendable {
     }
 
     /// Prints the first 32 bytes of each page, faulting the pages in one by one; returns those lines and the statistics.
-    public func run() async throws -> (lines: [String], statistics: ResolverStatistics) {
+    public func run() async throws -> (lines: [String], statistics: FaultResolver.Statistics) {
         let pageSize = systemPageSize
         let options = FaultResolver.Options(readahead: .none)
         return try await LazyRegion.with(length: pages * pageSize, provider: Self.provider, options: options) { region in

@@ -36,7 +36,7 @@ public struct CatCommand: Sendable {
     /// Copies the file or object to the output through lazily faulted memory; returns the region's statistics (nil when
     /// it is empty).
     @discardableResult
-    public func run() async throws -> ResolverStatistics? {
+    public func run() async throws -> FaultResolver.Statistics? {
         let provider: any PageProvider
         var remote: HTTPRangeProvider?
         if isURL {

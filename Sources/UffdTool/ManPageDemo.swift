@@ -76,9 +76,9 @@ public struct ManPageDemo: Sendable {
                 guard case .pageFault(let fault) = event else { continue }
                 log("    UFFD_EVENT_PAGEFAULT event: flags = 0x\(String(fault.flags, radix: 16)); address = 0x\(String(fault.address, radix: 16))")
                 let letter = Self.letter(forFault: served.count)
-                memset(page.pointer, Int32(letter), pageSize)
+                memset(page.baseAddress, Int32(letter), pageSize)
                 do {
-                    let copied = try uffd.copy(from: page.pointer, to: fault.pageAddress, length: pageSize)
+                    let copied = try uffd.copy(from: page.baseAddress, to: fault.pageAddress, length: pageSize)
                     log("        (uffdio_copy.copy returned \(copied))")
                 } catch let error as UserfaultError where error.code == .pageExists {
                     // Another message for a page already served (a thread re-faulted): wake it and go on.

@@ -10,7 +10,7 @@ public struct S3SliceCommand: Sendable {
     /// What one run did.
     public struct Outcome: Sendable {
         /// The region's counters (faults, pages copied...).
-        public var resolver: ResolverStatistics
+        public var resolver: FaultResolver.Statistics
         /// The provider's counters (requests, blocks fetched...).
         public var provider: HTTPRangeProvider.Statistics
         /// Blocks in the whole object.

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Userfaultfd
+import UserfaultfdBenchSupport
 
 /// `uffd track`: writes at random into a region, round after round, and prints the dirty ranges a ``DirtyTracker``
 /// reports, checked against what was written.
@@ -33,16 +34,11 @@ public struct TrackCommand: Sendable {
             await DedicatedThread.run {
                 for page in order { UnsafeMutablePointer<UInt8>(bitPattern: base + UInt(page * pageSize))!.pointee &+= 1 }
             }.value
-            let dirty = try await tracker.collect()
-            let reported = Set(dirty.flatMap { range in
-                (0..<range.length / pageSize).map { Int((range.start - base) / UInt(pageSize)) + $0 }
-            })
-            let matched = reported == written
+            let dirty = try await tracker.collectPages()
+            let matched = Set(dirty) == written
             allMatched = allMatched && matched
-            let text = dirty.map { range -> String in
-                let first = Int((range.start - base) / UInt(pageSize))
-                let count = range.length / pageSize
-                return count == 1 ? "\(first)" : "\(first)-\(first + count - 1)"
+            let text = dirty.runs.map { run in
+                run.count == 1 ? "\(run.lowerBound)" : "\(run.lowerBound)-\(run.upperBound - 1)"
             }.joined(separator: " ")
             output("round \(round): \(written.count) pages written, dirty [\(text)] \(matched ? "ok" : "MISMATCH")")
         }

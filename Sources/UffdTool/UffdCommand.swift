@@ -127,8 +127,8 @@ public enum UffdCommand {
                     return .microseconds(microseconds)
                 }
                 try arguments.finish()
-                if let only, let unknown = only.first(where: { id in !BenchCommand.groups.contains(where: { id.hasPrefix($0) }) }) {
-                    throw ToolError("--only takes ids among \(BenchCommand.groups.joined(separator: ",")), not '\(unknown)'")
+                if let only, let unknown = only.first(where: { id in !BenchCommand.groupIDs.contains(where: { id.hasPrefix($0) }) }) {
+                    throw ToolError("--only takes ids among \(BenchCommand.groupIDs.joined(separator: ",")), not '\(unknown)'")
                 }
                 try await BenchCommand(quick: quick, only: only, pollingWindow: polling).run()
             case "help", "--help", "-h":

@@ -120,7 +120,7 @@ public final class FirecrackerPageServer: Sendable {
         /// Its guest memory regions (empty until the handshake is accepted).
         public var regions: [GuestMemoryRegion]
         /// Its resolver's counters.
-        public var statistics: ResolverStatistics
+        public var statistics: FaultResolver.Statistics
         /// Whether it is still served: its VMM has not exited (its socket may be closed: see the type's notes).
         public var isConnected: Bool
     }
@@ -274,7 +274,7 @@ public final class FirecrackerPageServer: Sendable {
         state.withLock { state in
             let live = state.sessions.values.map { session in
                 VMStatus(id: session.id, processID: session.processID, regions: session.regions,
-                         statistics: session.resolver?.statistics ?? ResolverStatistics(), isConnected: true)
+                         statistics: session.resolver?.statistics ?? FaultResolver.Statistics(), isConnected: true)
             }
             return (state.finished + live).sorted { $0.id < $1.id }
         }
@@ -353,7 +353,7 @@ public final class FirecrackerPageServer: Sendable {
         let session = state.withLock { state -> Session? in
             guard let session = state.sessions.removeValue(forKey: id) else { return nil }
             state.finished.append(VMStatus(id: id, processID: session.processID, regions: session.regions,
-                                           statistics: session.resolver?.statistics ?? ResolverStatistics(), isConnected: false))
+                                           statistics: session.resolver?.statistics ?? FaultResolver.Statistics(), isConnected: false))
             let excess = state.finished.count - max(0, configuration.finishedHistory)
             if excess > 0 { state.finished.removeFirst(excess) }
             return session

@@ -21,9 +21,9 @@ struct DescriptorSendTests {
         defer { received.close() }
         #expect(payload.isEmpty)
         let source = try AnonymousMemory(length: systemPageSize)
-        memset(source.pointer, 0x6b, systemPageSize)
-        try received.copy(from: source.pointer, to: region.address, length: systemPageSize)
-        #expect(region.pointer.load(as: UInt8.self) == 0x6b)
+        memset(source.baseAddress, 0x6b, systemPageSize)
+        try received.copy(from: source.baseAddress, to: region.address, length: systemPageSize)
+        #expect(region.baseAddress.load(as: UInt8.self) == 0x6b)
     }
 
     /// A peer whose receive buffer is full and who never reads: the send gives up with `.timedOut` after its default

@@ -1,4 +1,5 @@
 import Testing
+import UserfaultfdBenchSupport
 @_spi(Decoding) import Userfaultfd
 
 /// `FaultMessage.decode` on synthesized `struct uffd_msg` bytes: no kernel involved.

@@ -9,6 +9,7 @@ import CUserfaultfdBaseline
 import Foundation
 import Synchronization
 import Userfaultfd
+import UserfaultfdBenchSupport
 
 let pageSize = Int(cbaseline_page_size())
 let perFaultIterations = 30
@@ -201,7 +202,7 @@ let benchmarks: @Sendable () -> Void = {
             benchmark.error("P4: \(error)")
         }
     } setup: {
-        try writeFile(path: p4Path, size: p4Size)
+        try PatternFile.write(path: p4Path, size: p4Size)
     } teardown: {
         unlink(p4Path)
     }
@@ -290,16 +291,19 @@ let benchmarks: @Sendable () -> Void = {
     ) { benchmark in
         let length = 64 << 30
         let touches = 100_000
-        var random = SystemRandomNumberGenerator()
+        // The same pages as `uffd bench`'s P5: distinct, seeded, chosen before the first RSS reading.
+        var random = SplitMix64(seed: 0x5EED)
         var chosen = Set<Int>(minimumCapacity: touches)
-        while chosen.count < touches { chosen.insert(Int.random(in: 0..<(length / pageSize), using: &random)) }
-        let pages = Array(chosen).shuffled()
+        while chosen.count < touches { chosen.insert(Int(random.next() % UInt64(length / pageSize))) }
+        var order = Array(chosen)
+        order.shuffle(using: &random)
+        let pages = order
         let provider = ClosureProvider(immediate: { buffer, offset in
             buffer.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(offset) | 1, as: UInt64.self) }
             return .bytes(8)
         })
         do {
-            let before = processMemory()
+            let before = ProcessMemory.read()
             let region = try await LazyRegion(length: length, provider: provider, options: .init(readahead: .none))
             let base = UInt(bitPattern: region.baseAddress)
             let workers = Workers { _ in
@@ -310,11 +314,11 @@ let benchmarks: @Sendable () -> Void = {
             benchmark.startMeasurement()
             workers.run()
             benchmark.stopMeasurement()
-            let after = processMemory()
+            let after = ProcessMemory.read()
             workers.shutdown()
             await region.close()
-            benchmark.measurement(rssBeyond, (after.resident - before.resident - touches * pageSize) / 1024)
-            benchmark.measurement(pageTables, (after.pageTables - before.pageTables) / 1024)
+            benchmark.measurement(rssBeyond, (after.residentBytes - before.residentBytes - touches * pageSize) / 1024)
+            benchmark.measurement(pageTables, (after.pageTableBytes - before.pageTableBytes) / 1024)
         } catch {
             benchmark.error("P5: \(error)")
         }

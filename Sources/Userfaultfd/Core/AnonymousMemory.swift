@@ -47,8 +47,12 @@ public final class AnonymousMemory: @unchecked Sendable {
     /// The mapping's range.
     public var range: MemoryRange { MemoryRange(start: address, length: length) }
 
+    /// The start as a pointer, to touch the bytes (``address`` is the same place as a number, for ranges and page math).
+    public var baseAddress: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: address)! }
+
     /// The start as a pointer.
-    public var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: address)! }
+    @available(*, deprecated, renamed: "baseAddress", message: "one name for the pointer on every memory type")
+    public var pointer: UnsafeMutableRawPointer { baseAddress }
 
     /// Gives the pages back to the kernel (`MADV_DONTNEED`): they read as zeros (or fault again) next time.
     public func discard(_ range: MemoryRange) {
@@ -65,7 +69,7 @@ final class PageBitmap {
     init(pages: Int) throws(UserfaultError) {
         count = pages
         memory = try AnonymousMemory(length: Swift.max(8, (pages + 63) / 64 * 8), noReserve: true)
-        words = memory.pointer.bindMemory(to: UInt64.self, capacity: (pages + 63) / 64)
+        words = memory.baseAddress.bindMemory(to: UInt64.self, capacity: (pages + 63) / 64)
     }
 
     @inline(__always) subscript(page: Int) -> Bool {
@@ -120,7 +124,7 @@ final class AlignedBufferPool {
 /// One buffer of an ``AlignedBufferPool``.
 struct PooledBuffer: Sendable {
     let memory: AnonymousMemory
-    var pageBuffer: PageBuffer { PageBuffer(base: memory.pointer, count: memory.length) }
+    var pageBuffer: PageBuffer { PageBuffer(base: memory.baseAddress, count: memory.length) }
     var address: UInt { memory.address }
-    var pointer: UnsafeRawPointer { UnsafeRawPointer(memory.pointer) }
+    var pointer: UnsafeRawPointer { UnsafeRawPointer(memory.baseAddress) }
 }

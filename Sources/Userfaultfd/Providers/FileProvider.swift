@@ -48,7 +48,7 @@ public final class FileProvider: PageProvider {
     ///     `false` sends every read to a queue.
     /// - Throws: ``FileProviderError`` when the file cannot be opened or is not a regular file.
     public init(path: String, preferredReadSize: Int = 0, maxConcurrentReads: Int = 4,
-                readsCachedBytesImmediately: Bool = true) throws {
+                readsCachedBytesImmediately: Bool = true) throws(FileProviderError) {
         let descriptor = open(path, O_RDONLY | O_CLOEXEC)
         guard descriptor >= 0 else { throw FileProviderError(path: path, errno: errno, operation: "open") }
         var info = stat()

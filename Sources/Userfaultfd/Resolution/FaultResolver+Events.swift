@@ -229,13 +229,13 @@ extension FaultResolver {
     }
 
     private func report(decodeError error: UserfaultError) {
-        errorChannel.continuation.yield(RegionError(
+        errorBroadcast.yield(RegionError(
             range: error.range ?? MemoryRange(start: 0, length: 0), providerOffset: 0, underlying: error, attempts: 0,
             resolution: .zeroFill))
     }
 
     func reportFailure(_ error: RegionError) {
-        errorChannel.continuation.yield(error)
+        errorBroadcast.yield(error)
     }
 
     /// The reader stopped: the userfaultfd was closed (or failed). Nothing can be resolved any more.
@@ -244,7 +244,7 @@ extension FaultResolver {
         cancel()
         for child in childResolvers { child.resolver.uffd.close() }
         childResolvers.removeAll()
-        errorChannel.continuation.finish()
+        errorBroadcast.finish()
         forkChannel.finish()
     }
 }

@@ -116,7 +116,7 @@ extension FaultResolver {
 
     /// Lets the threads waiting on `range` (page `page` of `region`, when served) go on without provider data: a page
     /// present already is only woken; otherwise it is filled, counted in the statistics
-    /// (``ResolverStatistics/zeroPages``, ``ResolverStatistics/pagesPoisoned``) and marked present. When the fill
+    /// (``FaultResolver/Statistics/zeroPages``, ``FaultResolver/Statistics/pagesPoisoned``) and marked present. When the fill
     /// fails — the page is there already, or the range is gone — the threads are woken instead: they fault again and
     /// get a fresh resolution.
     func release(_ range: MemoryRange, page: Int?, of region: ServedRegion?, with fill: PageFill) {
@@ -148,7 +148,7 @@ extension FaultResolver {
         }
         guard let region, region.zeroByCopy else { return try uffd.zeroPage(range) }
         if zeroSource == nil { zeroSource = try AnonymousMemory(length: pool.bufferSize) }
-        return try uffd.copy(from: zeroSource!.pointer, to: range.start, length: range.length,
+        return try uffd.copy(from: zeroSource!.baseAddress, to: range.start, length: range.length,
                              mode: options.installWriteProtected ? .writeProtect : [])
     }
 

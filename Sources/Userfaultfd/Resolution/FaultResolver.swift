@@ -64,7 +64,7 @@ public actor FaultResolver {
         /// parent is unaffected. Such children are not offered on ``FaultResolver/forkedChildren``. A child's exit
         /// sends no event; its userfaultfd is probed about once a second
         /// (``UserfaultFD/addressSpaceHasExited(probing:)``) and its resolver let go once the child is gone
-        /// (``ResolverStatistics/forkedChildrenExited``).
+        /// (``FaultResolver/Statistics/forkedChildrenExited``).
         public var serveForkedChildren: Bool
 
         /// Options; every one has a default suited to a local provider.
@@ -99,8 +99,8 @@ public actor FaultResolver {
     /// The options it was made with.
     public nonisolated let options: Options
     nonisolated let executor: QueueExecutor
-    nonisolated let counters = Mutex(ResolverStatistics())
-    nonisolated let errorChannel = AsyncStream<RegionError>.makeStream(bufferingPolicy: .bufferingNewest(256))
+    nonisolated let counters = Mutex(FaultResolver.Statistics())
+    nonisolated let errorBroadcast = ErrorBroadcast<RegionError>(backlogLimit: 256)
     nonisolated let forkChannel = ForkedChildQueue(limit: FaultResolver.forkedChildrenLimit)
     /// Children ``forkedChildren`` keeps at most for a consumer; beyond that the oldest is closed.
     public static let forkedChildrenLimit = 64
@@ -222,17 +222,22 @@ public actor FaultResolver {
     }
 
     /// The counters so far. Readable from any thread.
-    public nonisolated var statistics: ResolverStatistics { counters.withLock { $0 } }
+    public nonisolated var statistics: FaultResolver.Statistics { counters.withLock { $0 } }
 
-    /// Provider failures, as the failure policy resolves them (the newest 256 are kept if nobody listens).
-    public nonisolated var errors: AsyncStream<RegionError> { errorChannel.stream }
+    /// Provider failures, as the failure policy resolves them: a new stream on each access, so several observers can
+    /// watch at once.
+    ///
+    /// Each stream sees every failure from the moment it was made until it ends (the resolver stops, or its iterating
+    /// task breaks out or is cancelled; that ends only this stream). Failures raised while no stream is open
+    /// are kept (the newest 256) for the next stream made. A stream that lags behind keeps its newest 256.
+    public nonisolated var errors: AsyncStream<RegionError> { errorBroadcast.subscribe() }
 
     /// The userfaultfds of forked children (with ``UserfaultFeatures/eventFork``). Their faults are not served by this
     /// resolver; serve or close each one.
     ///
     /// Each fork installs a descriptor in this process, so while nobody iterates at most ``forkedChildrenLimit``
     /// children are kept: beyond that the oldest is closed (its child's faults then fall back to ordinary memory) and
-    /// counted in ``ResolverStatistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
+    /// counted in ``FaultResolver/Statistics/forkedChildrenDropped``. Those still kept when the resolver's reader stops (its
     /// userfaultfd closed) are closed, and the stream ends. Each child goes to one iterator.
     public nonisolated var forkedChildren: AsyncStream<UserfaultFD> { forkChannel.stream }
 
@@ -251,7 +256,8 @@ public actor FaultResolver {
 
     /// Resolves `range` ahead of access, without blocking a thread. Returns when every page in it is present (or throws
     /// the provider's ``RegionError`` once the failure policy gave up on a page). A range with a negative length, or
-    /// whose pages run past the end of the address space, throws ``UserfaultError/Code/invalidArgument``.
+    /// whose pages run past the end of the address space, throws ``UserfaultError/Code/invalidArgument``. (Two error
+    /// types, a caller's mistake and the provider's failure, so the throw is untyped.)
     public func prefetch(_ range: MemoryRange) async throws {
         let wanted = range.expandedToPages(of: pageSize)
         guard range.isWithinAddressSpace, wanted.isAligned(to: pageSize), wanted.contains(range) else {

@@ -67,7 +67,7 @@ public final class LazyRegion: Sendable {
     public init(
         length: Int, provider: any PageProvider, options: FaultResolver.Options = .init(),
         backing: Backing = .anonymous, tracking: DirtyTrackingEngine? = nil, sharedFile: SharedMemoryFile? = nil
-    ) async throws {
+    ) async throws(UserfaultError) {
         let existingFile = sharedFile
         guard length > 0 else {
             throw UserfaultError(.invalidArgument, operation: .register, detail: "a LazyRegion needs a positive length, got \(length)")
@@ -100,7 +100,11 @@ public final class LazyRegion: Sendable {
             mode.insert(.writeProtect)
             options.installWriteProtected = true
         }
-        let file = backing == .sharedMemory ? try existingFile ?? SharedMemoryFile(length: length, name: "LazyRegion") : nil
+        var file: SharedMemoryFile?
+        if backing == .sharedMemory {
+            // Not `existingFile ?? SharedMemoryFile(...)`: `??` rethrows untyped, which would lose the error's type.
+            if let existingFile { file = existingFile } else { file = try SharedMemoryFile(length: length, name: "LazyRegion") }
+        }
         if let file {
             let mappedLength = existingFile == nil ? file.length : try wholePages(length, operation: .register, of: "a LazyRegion")
             mapping = RegionMapping(owning: MemoryRange(
@@ -135,6 +139,10 @@ public final class LazyRegion: Sendable {
     ///
     /// Cancelling the calling task while threads wait on faults resolves them at once (see
     /// ``FaultResolver/Options/cancellation``), so `body` can finish.
+    ///
+    /// - Throws: ``UserfaultError`` when setting the region up fails (as
+    ///   ``init(length:provider:options:backing:tracking:sharedFile:)``), or whatever `body` throws, unchanged — which is
+    ///   why this one throws `any Error`: `body`'s errors are yours, and wrapping them would hide their type.
     public static func with<Result: Sendable>(
         length: Int,
         provider: any PageProvider,
@@ -187,6 +195,9 @@ public final class LazyRegion: Sendable {
         UnsafeMutableRawPointer(bitPattern: mapping.baseAddress ?? originalRange.start)!
     }
 
+    /// ``baseAddress`` as a number, for ranges and page math (the kernel's and ``MemoryRange``'s currency).
+    public var address: UInt { UInt(bitPattern: baseAddress) }
+
     /// The region's address range (whole pages) starting at ``baseAddress``. After a partial move or unmap, see
     /// ``currentRanges``.
     public var range: MemoryRange { MemoryRange(start: UInt(bitPattern: baseAddress), length: originalRange.length) }
@@ -210,7 +221,7 @@ public final class LazyRegion: Sendable {
 
     /// Resolves the bytes in `range` (offsets into the region) ahead of access, without blocking a thread.
     /// - Throws: ``UserfaultError/Code/invalidArgument`` for a range outside `0 ..< count` rounded up to whole pages;
-    ///   the provider's ``RegionError`` as ``FaultResolver/prefetch(_:)`` does.
+    ///   the provider's ``RegionError`` as ``FaultResolver/prefetch(_:)`` does. Two error types, so the throw is untyped.
     public func prefetch(_ range: Range<Int>) async throws {
         guard range.lowerBound >= 0 && range.upperBound <= originalRange.length else {
             throw UserfaultError(.invalidArgument, operation: .register,
@@ -221,8 +232,9 @@ public final class LazyRegion: Sendable {
     }
 
     /// The resolver's counters: faults, pages copied, zero pages, bytes, dedup joins, provider errors, latency.
-    public var statistics: ResolverStatistics { resolver.statistics }
+    public var statistics: FaultResolver.Statistics { resolver.statistics }
 
-    /// Provider failures, as the failure policy resolves them.
+    /// Provider failures, as the failure policy resolves them: a new stream on each access, so several observers can
+    /// watch at once, and one that stops watching ends only its own stream (see ``FaultResolver/errors``).
     public var errors: AsyncStream<RegionError> { resolver.errors }
 }

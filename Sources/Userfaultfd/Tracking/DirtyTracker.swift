@@ -9,6 +9,7 @@ import Synchronization
 /// try await tracker.start()
 /// // ... the program writes ...
 /// let dirty = try await tracker.collect()                 // [MemoryRange], and tracking is re-armed
+/// // or: try await tracker.collectPages()                 // the same, as page indices from the range's start
 /// ```
 ///
 /// ``collect()`` returns the pages written since ``start()`` or the previous `collect()` and re-arms tracking in the
@@ -128,7 +129,7 @@ public actor DirtyTracker {
     /// a page faulted in is clean until written). With the fault engine the region's resolver hands its write-protect
     /// faults to this tracker.
     /// - Throws: ``UserfaultError/Code/invalidArgument`` when the region was created without tracking.
-    public init(region: LazyRegion) async throws {
+    public init(region: LazyRegion) async throws(UserfaultError) {
         guard let engine = region.trackingEngine else {
             throw UserfaultError(.invalidArgument, operation: .register, range: region.range,
                                  detail: "the LazyRegion was created without tracking (pass tracking: to its initializer)")
@@ -183,6 +184,13 @@ public actor DirtyTracker {
             $0.pagesReported += result.reduce(0) { $0 + $1.length } / pageSize
         }
         return result
+    }
+
+    /// The pages written since ``start()`` or the previous collection, as page indices relative to ``range`` (page 0 is
+    /// its first page): ``collect()`` without the address arithmetic. Re-arms tracking in the same step.
+    /// - Throws: ``UserfaultError`` as ``collect()`` does.
+    public func collectPages() throws(UserfaultError) -> DirtyPages {
+        DirtyPages(try collect(), from: range.start, pageSize: pageSize)
     }
 
     /// Stops tracking: lifts the write protection (waking any writer; not after ``collect()`` found the range unmapped or

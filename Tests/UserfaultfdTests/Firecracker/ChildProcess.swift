@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import Glibc
 import Testing
+import UserfaultfdBenchSupport
 
 /// A child process run to completion with a deadline: killed (SIGKILL) and reported if it overruns, so a handler bug
 /// that leaves the child blocked on a fault can never hang the suite.

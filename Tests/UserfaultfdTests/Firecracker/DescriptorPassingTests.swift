@@ -52,11 +52,11 @@ struct DescriptorPassingTests {
 
         // The received descriptor is the same userfaultfd: a copy through it fills the sender's registered page.
         let source = try AnonymousMemory(length: systemPageSize)
-        memset(source.pointer, 0x5a, systemPageSize)
-        try received.copy(from: source.pointer, to: region.address, length: systemPageSize)
-        #expect(region.pointer.load(as: UInt8.self) == 0x5a)
+        memset(source.baseAddress, 0x5a, systemPageSize)
+        try received.copy(from: source.baseAddress, to: region.address, length: systemPageSize)
+        #expect(region.baseAddress.load(as: UInt8.self) == 0x5a)
         // ...and the page is now present for the original too.
-        #expect(throws: UserfaultError.self) { try original.copy(from: source.pointer, to: region.address, length: systemPageSize) }
+        #expect(throws: UserfaultError.self) { try original.copy(from: source.baseAddress, to: region.address, length: systemPageSize) }
         received.close()
         original.close()
     }

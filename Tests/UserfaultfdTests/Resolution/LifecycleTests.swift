@@ -212,16 +212,16 @@ extension ResolutionTests {
             }
         }
 
-        /// Requirement 12: a zero-length (or negative) region is refused.
+        /// Requirement 12: a zero-length (or negative) region is refused. The initializer's throw is typed: `error` is a
+        /// `UserfaultError` without a cast (this stops compiling if it goes back to `any Error`).
         @Test(arguments: [0, -4096])
         func emptyRegionThrows(length: Int) async {
             do {
                 _ = try await LazyRegion(length: length, provider: ZeroProvider())
                 Issue.record("a LazyRegion of \(length) bytes was created")
-            } catch let error as UserfaultError {
-                #expect(error.code == .invalidArgument, "\(error)")
             } catch {
-                Issue.record("threw \(error), expected a UserfaultError")
+                let typed: UserfaultError = error
+                #expect(typed.code == .invalidArgument, "\(typed)")
             }
             await #expect(throws: UserfaultError.self) {
                 try await LazyRegion.with(length: length, provider: ZeroProvider()) { _ in

@@ -4,6 +4,7 @@ import Foundation
 import Glibc
 import Synchronization
 import Testing
+import UserfaultfdBenchSupport
 import Userfaultfd
 
 /// The parent of every resolution suite. Serialized: the suites measure timeouts, saturate the cooperative pool and map
@@ -17,16 +18,12 @@ struct ResolutionTests {}
 enum SeededBytes {
     static func make(count: Int, seed: UInt64) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        var state = seed
+        var generator = SplitMix64(seed: seed)
         bytes.withUnsafeMutableBytes { raw in
             let base = raw.baseAddress!
             var index = 0
             while index < count {
-                state &+= 0x9e37_79b9_7f4a_7c15
-                var z = state
-                z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-                z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-                z ^= z >> 31
+                var z = generator.next()
                 if index + 8 <= count {
                     base.storeBytes(of: z, toByteOffset: index, as: UInt64.self)
                     index += 8
@@ -150,9 +147,7 @@ func awaitCancellation() async {
 
 /// Sleeps by resuming a continuation from `DispatchQueue.global().asyncAfter` (no Swift timer, no cooperative pool).
 func dispatchSleep(microseconds: Int) async {
-    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-        DispatchQueue.global().asyncAfter(deadline: .now() + .microseconds(microseconds)) { continuation.resume() }
-    }
+    await dispatchSleep(.microseconds(microseconds))
 }
 
 /// Fills `buffer` from `source` at `offset` (up to the source's end); returns how many bytes were written.
@@ -277,7 +272,7 @@ extension LazyRegion {
     /// The statistics once the resolver has finished the work in hand: a woken thread can run before the resolver,
     /// still inside the same job on its serial queue, updates the counters after the ioctl that woke it. An empty
     /// prefetch is an actor call that runs after that job.
-    var settledStatistics: ResolverStatistics {
+    var settledStatistics: FaultResolver.Statistics {
         get async {
             try? await resolver.prefetch(MemoryRange(start: range.start, length: 0))
             return statistics

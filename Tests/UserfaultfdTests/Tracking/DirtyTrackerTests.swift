@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import Synchronization
 import Testing
+import UserfaultfdBenchSupport
 import UffdTool
 import Userfaultfd
 
@@ -26,12 +27,34 @@ struct DirtyTrackerTests {
 
     /// Page indexes (from `base`) covered by `ranges`.
     static func pages(_ ranges: [MemoryRange], from base: UInt) -> Set<Int> {
-        var result = Set<Int>()
-        for range in ranges {
+        Set(DirtyPages(runs: ranges.map { range in
             let first = Int((range.start - base) / UInt(systemPageSize))
-            for page in first..<first + range.length / systemPageSize { result.insert(page) }
-        }
-        return result
+            return first..<first + range.length / systemPageSize
+        }))
+    }
+
+    /// `collectPages()` is `collect()` as page indices: the same pages, counted from the range's first page.
+    @Test(.timeLimit(.minutes(1)), arguments: engines)
+    func collectPagesMatchesCollect(engine: DirtyTracker.Engine) async throws {
+        let pageSize = systemPageSize
+        let memory = try AnonymousMemory(length: 32 * pageSize)
+        // Track from page 4 of the mapping, so page indices and offsets from the mapping differ.
+        let tracked = MemoryRange(start: memory.address + UInt(4 * pageSize), length: 16 * pageSize)
+        let tracker = try DirtyTracker(range: tracked, engine: engine)
+        try await tracker.start()
+        #expect(await Self.write([4 + 0, 4 + 1, 4 + 2, 4 + 7, 4 + 15], at: memory.address, threads: 1, value: 1))
+        let ranges = try await tracker.collect()
+        #expect(ranges == [MemoryRange(start: tracked.start, length: 3 * pageSize),
+                           MemoryRange(start: tracked.start + UInt(7 * pageSize), length: pageSize),
+                           MemoryRange(start: tracked.start + UInt(15 * pageSize), length: pageSize)])
+        #expect(await Self.write([4 + 0, 4 + 1, 4 + 2, 4 + 7, 4 + 15], at: memory.address, threads: 1, value: 2))
+        let pages = try await tracker.collectPages()
+        #expect(pages.runs == [0..<3, 7..<8, 15..<16])
+        #expect(Array(pages) == [0, 1, 2, 7, 15])
+        #expect(pages.count == 5)
+        #expect(pages.contains(7) && pages.contains(15) && !pages.contains(3) && !pages.contains(16))
+        #expect(try await tracker.collectPages().isEmpty)
+        await tracker.stop()
     }
 
     /// Writes one byte into each page of `pages`, split over `threads` dedicated threads; true when all returned.
@@ -66,7 +89,7 @@ struct DirtyTrackerTests {
                 for round in 0..<rounds {
                     let written = Set((0..<pageCount).filter { _ in random.next() % 3 == 0 })
                     #expect(await Self.write(written.sorted(), at: mapping.address, threads: 4, value: UInt8(round + 1)))
-                    let dirty = Self.pages(try await tracker.collect(), from: mapping.address)
+                    let dirty = Set(try await tracker.collectPages())
                     #expect(dirty == written, "round \(round), \(engine): extra \(dirty.subtracting(written).sorted()), missing \(written.subtracting(dirty).sorted())")
                     seen.append(dirty)
                     // The bytes really landed.
@@ -129,11 +152,11 @@ struct DirtyTrackerTests {
                 }
                 let before = state.done.load(ordering: .acquiring)
                 state.started.store(round + 1, ordering: .releasing)
-                let dirty = Self.pages(try await tracker.collect(), from: base)
+                let dirty = Set(try await tracker.collectPages())
                 observed.append(RacedRound(before: before, after: state.done.load(ordering: .acquiring), pages: dirty))
             }
             #expect(await writer.value == writes)
-            let last = Self.pages(try await tracker.collect(), from: base)
+            let last = Set(try await tracker.collectPages())
             observed.append(RacedRound(before: writes, after: writes, pages: last))
             #expect(observed.allSatisfy { $0.pages.allSatisfy { (0..<pageCount).contains($0) } })
             var lost: [Int] = []
@@ -190,7 +213,7 @@ struct DirtyTrackerTests {
             }
             for pattern in [[1, 2, 3, 9], [0, 15], [4, 9, 10, 11, 12]] {
                 #expect(await childWrites(pattern))
-                #expect(Self.pages(try await tracker.collect(), from: range.start) == Set(pattern))
+                #expect(Set(try await tracker.collectPages()) == Set(pattern))
             }
             child.quit()
             #expect(await waitForChild(pid, seconds: 10) == 0)
@@ -215,9 +238,9 @@ struct DirtyTrackerTests {
                 #expect(await reader.value == (0..<8).map { UInt8($0 + 1) })
                 // Writes to a page read before, and to pages never touched (a MISSING fault, then the write).
                 #expect(await Self.write([2, 5, 12], at: base, threads: 2, value: 0xEE))
-                #expect(Self.pages(try await tracker.collect(), from: base) == [2, 5, 12])
+                #expect(Set(try await tracker.collectPages()) == [2, 5, 12])
                 #expect(peek(base + UInt(12 * pageSize)) == 13, "a page faulted in by a write keeps the provider's data")
-                #expect(Self.pages(try await tracker.collect(), from: base).isEmpty)
+                #expect(Set(try await tracker.collectPages()).isEmpty)
             }
         }
     }
