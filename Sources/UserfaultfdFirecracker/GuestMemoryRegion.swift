@@ -115,12 +115,19 @@ extension GuestMemoryRegion {
 
 /// Why a VMM's handshake was refused.
 public enum FirecrackerHandshakeError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The message is not the JSON array of regions Firecracker sends (the decoder's reason).
     case invalidJSON(String)
+    /// The array names no region.
     case noRegions
+    /// A field of region `region` (0-based) is missing, too large or inconsistent with the other regions.
     case invalidField(region: Int, field: String, detail: String)
+    /// Region `region` uses a page size the server cannot serve (4 KiB and 2 MiB are supported).
     case unsupportedPageSize(region: Int, pageSize: Int)
+    /// Region `region`'s address, size or offset is not a multiple of its page size.
     case misaligned(region: Int, detail: String)
+    /// Region `region` reaches past the end of the memory file.
     case outsideMemoryFile(region: Int, detail: String)
+    /// Regions `first` and `second` overlap in guest memory.
     case overlapping(first: Int, second: Int, detail: String)
 
     public var description: String {

@@ -46,8 +46,34 @@ public struct UserfaultError: Error, Sendable, Hashable, CustomStringConvertible
 
     /// The operation that failed.
     public enum Operation: String, Sendable, Hashable {
-        case create, handshake, adopt, register, unregister, wake, copy, zeroPage, writeProtect
-        case `continue`, poison, move, readEvents, iterate
+        /// `userfaultfd(2)`, or `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
+        case create
+        /// `UFFDIO_API`: the feature handshake.
+        case handshake
+        /// Taking over a descriptor received from elsewhere (checking that it is a userfaultfd).
+        case adopt
+        /// `UFFDIO_REGISTER`.
+        case register
+        /// `UFFDIO_UNREGISTER`.
+        case unregister
+        /// `UFFDIO_WAKE`.
+        case wake
+        /// `UFFDIO_COPY`.
+        case copy
+        /// `UFFDIO_ZEROPAGE`.
+        case zeroPage
+        /// `UFFDIO_WRITEPROTECT`.
+        case writeProtect
+        /// `UFFDIO_CONTINUE`.
+        case `continue`
+        /// `UFFDIO_POISON`.
+        case poison
+        /// `UFFDIO_MOVE`.
+        case move
+        /// `read(2)` of the userfaultfd's messages.
+        case readEvents
+        /// Iterating ``UserfaultFD/events`` (a second iterator, or one after close).
+        case iterate
         /// `PAGEMAP_SCAN` on `/proc/PID/pagemap` (dirty tracking), or opening that file.
         case scanPagemap
         /// Creating, sizing or mapping shared memory (memfd).
