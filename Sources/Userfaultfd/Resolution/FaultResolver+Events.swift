@@ -75,8 +75,8 @@ extension FaultResolver {
         case .missing:
             break
         case .writeProtect:
-            if let writeProtectHandler {
-                writeProtectHandler(fault)
+            if let handler = writeProtectHandler.withLock({ $0 }) {
+                handler(fault)
                 return
             }
             // Not a page this resolver fills: lift the protection so the writer never hangs.

@@ -126,7 +126,8 @@ public actor FaultResolver {
     /// Never-written memory to copy zeros from, for memory without a zero page; made on first use.
     var zeroSource: AnonymousMemory?
     /// Who handles write-protect faults instead of the default (lifting the protection): a ``DirtyTracker``.
-    var writeProtectHandler: (@Sendable (PageFault) -> Void)?
+    /// Behind a lock rather than the actor, so a tracker can install it synchronously from any context.
+    nonisolated let writeProtectHandler = Mutex<(@Sendable (PageFault) -> Void)?>(nil)
     /// The mapping of the region that owns the memory (``LazyRegion``), told about REMAP and UNMAP.
     var ownedMapping: RegionMapping?
     /// Resolvers of forked children served under ``Options/serveForkedChildren``, each with a page of its range to
@@ -212,8 +213,8 @@ public actor FaultResolver {
     /// write-protect fault in the batch (after the batch's non-fault events). It must resolve the fault promptly —
     /// record it, un-protect the page, wake the writer — and never wait on anything: the writer is blocked until then.
     /// ``DirtyTracker/init(region:)`` installs one.
-    package func setWriteProtectFaultHandler(_ handler: (@Sendable (PageFault) -> Void)?) {
-        writeProtectHandler = handler
+    package nonisolated func setWriteProtectFaultHandler(_ handler: (@Sendable (PageFault) -> Void)?) {
+        writeProtectHandler.withLock { $0 = handler }
     }
 
     /// Tells `mapping` about REMAP and UNMAP events as they are applied.

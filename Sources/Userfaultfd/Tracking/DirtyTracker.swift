@@ -129,7 +129,10 @@ public actor DirtyTracker {
     /// a page faulted in is clean until written). With the fault engine the region's resolver hands its write-protect
     /// faults to this tracker.
     /// - Throws: ``UserfaultError/Code/invalidArgument`` when the region was created without tracking.
-    public init(region: LazyRegion) async throws(UserfaultError) {
+    ///
+    /// Synchronous like the other initializers: the handler is installed before it returns, so every write after
+    /// that is seen.
+    public init(region: LazyRegion) throws(UserfaultError) {
         guard let engine = region.trackingEngine else {
             throw UserfaultError(.invalidArgument, operation: .register, range: region.range,
                                  detail: "the LazyRegion was created without tracking (pass tracking: to its initializer)")
@@ -137,7 +140,7 @@ public actor DirtyTracker {
         try self.init(range: region.range, uffd: region.uffd, pid: nil, engine: engine, registering: false, owning: false,
                       readingEvents: false)
         if engine == .writeProtectFaults {
-            await region.resolver.setWriteProtectFaultHandler { [weak self] fault in
+            region.resolver.setWriteProtectFaultHandler { [weak self] fault in
                 self?.assumeIsolated { $0.record(fault) }
             }
         }

@@ -230,7 +230,7 @@ struct DirtyTrackerTests {
             try await LazyRegion.with(length: source.count, provider: MemoryProvider(source),
                                       options: .init(readahead: .none), tracking: engine) { region in
                 scope.track(region.uffd)
-                let tracker = try await DirtyTracker(region: region)
+                let tracker = try DirtyTracker(region: region)
                 try await tracker.start()
                 let base = UInt(bitPattern: region.baseAddress)
                 let reader = OffPoolThread(name: "uffd-track-read") { (0..<8).map { peek(base + UInt($0 * pageSize)) } }
