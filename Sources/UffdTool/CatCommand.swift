@@ -73,21 +73,13 @@ public struct CatCommand: Sendable {
         let size = range.count
         let failure = await DedicatedThread.run { () -> String? in
             let chunk = 1 << 20
-            let sequentialPiece = 64 << 10
             let bounce = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
             defer { bounce.deallocate() }
             var offset = 0
             var lastReport = 0
             while offset < size {
                 let count = min(chunk, size - offset)
-                // In pieces, front to back: glibc copies one large buffer as four interleaved parts, which the
-                // region's readahead sees as four short streams restarting every chunk (9 faults per MiB instead of 1).
-                var copied = 0
-                while copied < count {
-                    let piece = min(sequentialPiece, count - copied)
-                    (bounce + copied).copyMemory(from: UnsafeRawPointer(bitPattern: base + UInt(offset + copied))!, byteCount: piece)
-                    copied += piece
-                }
+                bounce.copyMemory(from: UnsafeRawPointer(bitPattern: base + UInt(offset))!, byteCount: count)
                 var written = 0
                 while written < count {
                     let result = write(output, bounce + written, count - written)

@@ -43,28 +43,6 @@ extension ResolutionTests {
             }
         }
 
-        /// `uffd cat` reads the region front to back, so its faults continue one readahead stream: about one per
-        /// maximum window (1 MiB) after the window has grown. glibc's `memcpy` of a whole 1 MiB chunk copies four
-        /// interleaved parts, which restarted three short streams per chunk: 9 faults per MiB.
-        @Test(.timeLimit(.minutes(1)))
-        func catFaultsLikeASequentialReader() async throws {
-            let size = 64 << 20
-            let input = try ScratchFile(bytes: SeededBytes.make(count: size, seed: 102), name: "uffd-res-cat-seq")
-            defer { input.remove() }
-            let descriptor = open("/dev/null", O_WRONLY | O_CLOEXEC)
-            try #require(descriptor >= 0)
-            defer { close(descriptor) }
-            let command = CatCommand(path: input.path, output: descriptor, showProgress: false)
-            let task = Task { try await command.run() }
-            guard let statistics = try await value(of: task, within: 40) else {
-                Issue.record("uffd cat did not finish within 40 s")
-                return
-            }
-            let windows = size >> 20
-            // The window doubles from one page to 256 (8 faults), then one fault per window; allow twice that.
-            #expect((statistics?.faults ?? .max) <= 2 * (windows + 8), "\(String(describing: statistics))")
-        }
-
         @Test(.timeLimit(.minutes(1)))
         func catOfAnEmptyFileWritesNothing() async throws {
             let input = try ScratchFile.empty(name: "uffd-res-cat-empty")
